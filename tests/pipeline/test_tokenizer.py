@@ -1,0 +1,32 @@
+import pytest
+
+from pipeline.tokenizer import EOS, PAD, Tokenizer, TokenizerError
+
+
+def test_specials_follow_marian_conventions(tiny_tokenizer):
+    hf = tiny_tokenizer.hf
+    assert hf.convert_ids_to_tokens(0) == EOS
+    assert tiny_tokenizer.pad_id == len(tiny_tokenizer) - 1 and hf.convert_ids_to_tokens(tiny_tokenizer.pad_id) == PAD
+    # CTranslate2's vocabulary view drops the trailing <pad>.
+    assert len(tiny_tokenizer.tokens) == len(tiny_tokenizer) - 1 and PAD not in tiny_tokenizer.tokens
+
+
+def test_round_trip_and_eos(tiny_tokenizer):
+    texts = ["In the beginning God created the heavens and the earth.", "Und Gott sprach: Es werde Licht!"]
+    ids = tiny_tokenizer.encode_target(texts)
+    assert all(seq[-1] == tiny_tokenizer.eos_id for seq in ids)
+    assert tiny_tokenizer.decode(ids) == texts
+
+
+def test_reload_has_same_vocab_hash(tiny_tokenizer):
+    again = Tokenizer.load(tiny_tokenizer.path)
+    assert again.vocab_hash == tiny_tokenizer.vocab_hash
+    assert again.vocab_hash.startswith("sha256:")
+
+
+def test_missing_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(TokenizerError, match="not found"):
+        Tokenizer.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="cannot load"):
+        Tokenizer.load(tmp_path / "empty")

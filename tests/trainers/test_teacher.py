@@ -1,0 +1,79 @@
+"""Teacher training: it learns, keeps the best model, and resumes exactly after an interruption."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainers.loop import OptimConfig
+from trainers.teacher import TeacherConfig, train_teacher
+
+
+def test_teacher_learns_and_keeps_best(tiny_teacher):
+    run = tiny_teacher["run"]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [e["loss"] for e in events if e["event"] == "train"]
+    valid = [e["valid_loss"] for e in events if e["event"] == "valid"]
+    assert train_losses[-1] < 0.8 * train_losses[0]
+    assert valid[-1] < valid[0]
+    finished = [e for e in events if e["event"] == "finished"]
+    assert finished[-1]["reason"] == "max_steps" and finished[-1]["step"] == 60
+    assert finished[-1]["best_valid"] == pytest.approx(min(valid))
+    # best/ is a self-contained HF checkpoint: weights + tokenizer
+    assert (run / "best" / "model.safetensors").is_file() and (run / "best" / "tokenizer.json").is_file()
+
+
+def _cfg(tiny_data, tiny_tokenizer, out, **optim):
+    return TeacherConfig(train=tiny_data / "train.parquet", valid=tiny_data / "valid.parquet",
+                         tokenizer=tiny_tokenizer.path, out=out, size="tiny", threads=1,
+                         optim=OptimConfig(max_steps=12, eval_every=4, checkpoint_every=5, warmup_steps=4,
+                                           max_tokens=1024, **optim))
+
+
+def test_resume_continues_exactly(tiny_data, tiny_tokenizer, tmp_path, monkeypatch):
+    straight = train_teacher(_cfg(tiny_data, tiny_tokenizer, tmp_path / "a"), progress_bar=False)
+
+    # Interrupt a second run at step 8: the last checkpoint holds step 5 (checkpoint_every=5).
+    import trainers.loop as loop
+
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def crash_at_step_8(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(loop.torch.nn.utils, "clip_grad_norm_", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(_cfg(tiny_data, tiny_tokenizer, tmp_path / "b"), progress_bar=False)
+    monkeypatch.setattr(loop.torch.nn.utils, "clip_grad_norm_", real_clip)
+    resumed = train_teacher(_cfg(tiny_data, tiny_tokenizer, tmp_path / "b"), progress_bar=False)
+
+    assert resumed.step == straight.step == 12
+    assert resumed.target_tokens == straight.target_tokens
+    a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert resumed.best_valid == straight.best_valid
+
+
+def test_finished_run_is_not_retrained(tiny_data, tiny_tokenizer, tmp_path):
+    cfg = _cfg(tiny_data, tiny_tokenizer, tmp_path / "r")
+    first = train_teacher(cfg, progress_bar=False)
+    mtime = (tmp_path / "r" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
+    again = train_teacher(cfg, progress_bar=False)
+    assert again.step == first.step and again.finished == first.finished
+    assert (tmp_path / "r" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_early_stopping(tiny_data, tiny_tokenizer, tmp_path):
+    # A learning rate this high diverges: validation stops improving and patience ends the run.
+    cfg = _cfg(tiny_data, tiny_tokenizer, tmp_path / "e", lr=5.0, patience=2)
+    cfg.optim.max_steps = 200
+    state = train_teacher(cfg, progress_bar=False)
+    assert state.finished == "early_stopping"
+    assert state.step < 200 and state.bad_evals == 2

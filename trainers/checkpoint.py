@@ -1,0 +1,103 @@
+"""Checkpoints that resume exactly: model, optimizer, scheduler, data position and RNG states.
+
+Layout under a run directory::
+
+    checkpoint/   latest state (HF model files + trainer_state.pt), replaced atomically
+    best/         best model by validation loss, HF format with the tokenizer beside it
+    metrics.jsonl one JSON object per logged event
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class Progress:
+    """Where training stands; everything a resumed run needs besides the weights."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    best_valid: float = float("inf")
+    best_step: int = 0
+    bad_evals: int = 0  # consecutive evaluations without improvement (early stopping)
+    elapsed_s: float = 0.0
+    target_tokens: int = 0
+    finished: str = ""  # why training ended ("" while it runs)
+    history: list[dict] = field(default_factory=list)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Moves ``tmp`` to ``final``, replacing it; a crash leaves either the old or the new copy."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, tokenizer_dir: Path | None, out: Path) -> None:
+    """Saves an HF model (and copies its tokenizer files) to ``out`` atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and f.name not in ("config.json", "generation_config.json"):
+                shutil.copy2(f, tmp / f.name)
+    _replace_dir(tmp, out)
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: Progress) -> None:
+    """Writes ``run_dir/checkpoint`` with the complete training state."""
+    out = run_dir / "checkpoint"
+    tmp = out.with_name("checkpoint.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "progress": asdict(progress),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        },
+        tmp / STATE_FILE,
+    )
+    _replace_dir(tmp, out)
+
+
+def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> Progress | None:
+    """Restores the state saved by ``save_checkpoint``; None when there is no checkpoint."""
+    ckpt = run_dir / "checkpoint"
+    if not (ckpt / STATE_FILE).is_file():
+        return None
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    model.tie_weights()
+    state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return Progress(**state["progress"])
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")

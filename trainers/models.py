@@ -1,0 +1,86 @@
+"""Marian model size presets shared by teachers and students.
+
+Every model is a Hugging Face ``MarianMTModel`` over one shared vocabulary (token-level KD needs the
+teacher's and the student's vocabularies to be identical), with tied embeddings.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelSize(BaseModel):
+    """Transformer shape. Parameter counts in the presets assume an 8k vocabulary."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    d_model: int = Field(gt=0, description="hidden width")
+    encoder_layers: int = Field(gt=0)
+    decoder_layers: int = Field(gt=0)
+    heads: int = Field(gt=0, description="attention heads, encoder and decoder")
+    ffn_dim: int = Field(gt=0, description="feed-forward inner width")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    max_positions: int = Field(512, gt=0, description="longest sequence in tokens")
+
+
+# ~parameters with an 8k vocabulary in brackets.
+PRESETS: dict[str, ModelSize] = {
+    "tiny": ModelSize(d_model=64, encoder_layers=2, decoder_layers=2, heads=2, ffn_dim=256),  # ~0.8M
+    "mini": ModelSize(d_model=128, encoder_layers=3, decoder_layers=3, heads=4, ffn_dim=512),  # ~2.6M
+    "small": ModelSize(d_model=256, encoder_layers=4, decoder_layers=4, heads=4, ffn_dim=1024),  # ~9M
+    "medium": ModelSize(d_model=384, encoder_layers=6, decoder_layers=6, heads=6, ffn_dim=1536),  # ~29M
+    "base": ModelSize(d_model=512, encoder_layers=6, decoder_layers=6, heads=8, ffn_dim=2048),  # ~48M
+    "big": ModelSize(d_model=640, encoder_layers=6, decoder_layers=6, heads=8, ffn_dim=2560),  # ~70M
+}
+
+
+def resolve_size(size: str | ModelSize) -> ModelSize:
+    """A preset name or an explicit shape → ModelSize; unknown names list the valid ones."""
+    if isinstance(size, ModelSize):
+        return size
+    if size not in PRESETS:
+        raise ValueError(f"unknown model size {size!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[size]
+
+
+def build_marian(size: str | ModelSize, *, vocab_size: int, pad_id: int, eos_id: int):
+    """A freshly initialised ``MarianMTModel`` of the given shape.
+
+    Args:
+        size: preset name or shape.
+        vocab_size: tokenizer length, ``<pad>`` included (it must be the last id).
+        pad_id: the tokenizer's pad id; Marian also starts decoding from it.
+        eos_id: the tokenizer's ``</s>`` id.
+    """
+    from transformers import MarianConfig, MarianMTModel
+
+    shape = resolve_size(size)
+    if pad_id != vocab_size - 1:
+        raise ValueError(f"<pad> must be the last token (id {vocab_size - 1}), got id {pad_id}")
+    config = MarianConfig(
+        vocab_size=vocab_size,
+        d_model=shape.d_model,
+        encoder_layers=shape.encoder_layers,
+        decoder_layers=shape.decoder_layers,
+        encoder_attention_heads=shape.heads,
+        decoder_attention_heads=shape.heads,
+        encoder_ffn_dim=shape.ffn_dim,
+        decoder_ffn_dim=shape.ffn_dim,
+        dropout=shape.dropout,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        max_position_embeddings=shape.max_positions,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        decoder_start_token_id=pad_id,
+        forced_eos_token_id=eos_id,
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+    )
+    return MarianMTModel(config)
+
+
+def count_parameters(model) -> int:
+    """Unique trainable parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
