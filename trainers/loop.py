@@ -8,6 +8,7 @@ model in DDP before calling it.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,7 +17,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from trainers.checkpoint import Progress, append_metrics, load_checkpoint, save_checkpoint, save_model
+from trainers.checkpoint import (
+    Progress,
+    append_metrics,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+)
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
 
@@ -112,7 +119,9 @@ def fit(
         return state
 
     model.train()
-    bar = tqdm(total=total, initial=state.step, disable=not progress_bar, unit="step", dynamic_ncols=True)
+    # Off a terminal (CI logs, `ray job logs`) a redraw is a new line: print every 30 s instead.
+    bar = tqdm(total=total, initial=state.step, disable=not progress_bar, unit="step", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)
     started = time.monotonic() - state.elapsed_s
 
     def validate() -> bool:

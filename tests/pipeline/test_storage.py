@@ -4,48 +4,17 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
 from pipeline.storage import FileEntry, StorageError, Store
+from tests.conftest import make_bucket
 
 TABLE = pa.table({"id": ["a", "b", "c"], "x": pa.array([1.5, 2.5, 3.5], pa.float32())})
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server on a free local port, with dummy credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never wait on instance metadata
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
-
-
-def _bucket(endpoint: str) -> str:
-    """A fresh bucket, so that tests never see each other's objects."""
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    host = endpoint.removeprefix("http://")
-    admin = pafs.S3FileSystem(
-        scheme="http", endpoint_override=host, region="us-east-1", allow_bucket_creation=True
-    )
-    admin.create_dir(name)
-    return name
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -54,7 +23,7 @@ def store(request, tmp_path) -> Store:
         return Store.from_uri(str(tmp_path / "root"))
     endpoint = request.getfixturevalue("s3_endpoint")
     return Store.from_uri(
-        f"s3://{_bucket(endpoint)}/runs", endpoint_override=endpoint, region="us-east-1"
+        f"s3://{make_bucket(endpoint)}/runs", endpoint_override=endpoint, region="us-east-1"
     )
 
 
@@ -203,7 +172,7 @@ def test_bad_uris(uri, message):
 
 
 def test_s3_endpoint_from_environment(s3_endpoint, monkeypatch):
-    bucket = _bucket(s3_endpoint)
+    bucket = make_bucket(s3_endpoint)
     monkeypatch.setenv(storage.ENDPOINT_ENV, s3_endpoint)
     store = Store.from_uri(f"s3://{bucket}", region="us-east-1")
     assert store.root == bucket and store.uri == f"s3://{bucket}"
