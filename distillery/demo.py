@@ -1,6 +1,7 @@
 """``make demo``: the main job end to end on the bundled corpus, every step skipped when already done.
 
-corpus → validated splits → shared tokenizer → teacher → CTranslate2 → BLEU on the held-out test split.
+corpus → validated splits → shared tokenizer → teacher → CTranslate2 → BLEU on the held-out test split
+→ distilled dataset (teacher-forced top-k over the training split, on the embedded local Ray).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, consol
     from pipeline.bundled import BUNDLED_SPLIT, bundled_corpus_spec
     from pipeline.evaluate import score, translate
     from pipeline.prepare import load_prepared, prepare
+    from pipeline.run import run_job
     from pipeline.tokenizer import Tokenizer, train_tokenizer
     from trainers.export import export_ct2
     from trainers.loop import OptimConfig
@@ -37,11 +39,11 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, consol
     teacher_run, teacher_ct2 = workdir / "teacher", workdir / "teacher-ct2"
 
     prepared = load_prepared(data_dir)
-    if _step(console, "1/5 corpus: validate and split the bundled de→en Bible", prepared is not None):
+    if _step(console, "1/6 corpus: validate and split the bundled de→en Bible", prepared is not None):
         prepared = prepare(bundled_corpus_spec(), BUNDLED_SPLIT, data_dir)
     console.print("    " + ", ".join(f"{k} {v:,}" for k, v in prepared.counts.items()))
 
-    if _step(console, "2/5 tokenizer: shared Unigram vocabulary", (tok_dir / "tokenizer.json").is_file()):
+    if _step(console, "2/6 tokenizer: shared Unigram vocabulary", (tok_dir / "tokenizer.json").is_file()):
         train = pq.read_table(prepared.path("train"), columns=["source", "target"])
         train_tokenizer(train.column("source").to_pylist() + train.column("target").to_pylist(), tok_dir,
                         vocab_size=DEMO_VOCAB)
@@ -54,16 +56,16 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, consol
                           max_minutes=teacher_minutes),
     )
     started = time.monotonic()
-    console.print(f"[bold]3/5 teacher[/]: Marian '{teacher_size}', budget {teacher_minutes:g} min (resumes)")
+    console.print(f"[bold]3/6 teacher[/]: Marian '{teacher_size}', budget {teacher_minutes:g} min (resumes)")
     state = train_teacher(cfg)
     console.print(f"    {state.finished}: {state.step} steps, best valid loss {state.best_valid:.3f}")
 
     best_mtime = (teacher_run / "best" / "model.safetensors").stat().st_mtime
     exported = (teacher_ct2 / "model.bin").is_file() and (teacher_ct2 / "model.bin").stat().st_mtime > best_mtime
-    if _step(console, "4/5 export: CTranslate2 int8", exported):
+    if _step(console, "4/6 export: CTranslate2 int8", exported):
         export_ct2(teacher_run / "best", teacher_ct2, quantization="int8")
 
-    console.print("[bold]5/5 evaluate[/]: beam 4 on the held-out test split")
+    console.print("[bold]5/6 evaluate[/]: beam 4 on the held-out test split")
     test = pq.read_table(prepared.path("test"), columns=["source", "target"])
     sources, refs = test.column("source").to_pylist(), test.column("target").to_pylist()
     hyps = translate(teacher_ct2, tokenizer, sources, beam_size=4)
@@ -84,5 +86,34 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, consol
     table.add_row(f"teacher ({teacher_size}, CT2 int8, beam 4)", f"{teacher.bleu:.2f}",
                   f"{teacher.chrf:.2f}", f"{state.step} steps / {state.elapsed_s / 60:.1f} min")
     Console().print(table)
-    console.print(f"signature: {teacher.bleu_signature}\nresults → {workdir / 'results.json'}")
+    console.print(f"signature: {teacher.bleu_signature}")
+
+    console.print("[bold]6/6 distill[/]: teacher-forced top-8 log-probs over the training split (local Ray)")
+    manifest = run_job(demo_distill_spec(workdir, prepared.path("train"), teacher_ct2))
+    counts = manifest["counts"]
+    console.print(f"    {counts['examples']:,} examples, {counts['target_tokens']:,} target tokens, "
+                  f"{counts['bytes'] / counts['target_tokens']:.1f} bytes/token, {len(manifest['shards'])} shards "
+                  f"→ {workdir / 'datasets' / manifest['dataset']}")
+    results["distilled"] = {"dataset": str(workdir / "datasets" / manifest["dataset"]), "counts": counts,
+                            "dataset_hash": manifest["dataset_hash"]}
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    console.print(f"results → {workdir / 'results.json'}")
     return results
+
+
+def demo_distill_spec(workdir: Path, train: Path, teacher: Path):
+    """The demo's distillation job: the same spec a user would write in YAML. The dataset name carries
+    the teacher's hash, so a retrained teacher gets a new dataset instead of a refused re-run."""
+    from pipeline.ct2 import model_hash
+    from pipeline.spec import JobSpec
+
+    name = f"bible-teacher-forcing-{model_hash(teacher).removeprefix('sha256:')[:8]}"
+
+    return JobSpec.model_validate({
+        "corpus": {"path": str(train), "id_column": "id"},
+        "teacher": {"model": str(teacher), "compute_type": "int8"},
+        "decoding": {"mode": "teacher_forcing"},
+        "targets": {"top_k": 8},
+        "output": {"store": str(workdir / "datasets"), "dataset": name, "shard_size": 2000},
+        "resources": {"workers": 1, "threads_per_worker": 2},
+    })

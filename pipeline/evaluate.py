@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.batching import budget_chunks
 from pipeline.ct2 import check_vocabulary, load_translator
 from pipeline.tokenizer import Tokenizer
 
@@ -32,21 +33,27 @@ def translate(
     compute_type: str = "int8",
     threads: int = 2,
     max_decoding_length: int = 256,
+    length_ratio: float = 2.0,
 ) -> list[str]:
-    """Translates ``sources`` with a CTranslate2 model; returns detokenized hypotheses in input order."""
+    """Translates ``sources`` with a CTranslate2 model; returns detokenized hypotheses in input order.
+
+    Sentences are decoded in length-sorted chunks whose decoding length is capped at
+    ``length_ratio × longest source + 10`` tokens, so a weak model that never emits ``</s>`` cannot
+    make evaluation crawl to ``max_decoding_length`` on every sentence.
+    """
     check_vocabulary(tokenizer, model_dir)
     translator = load_translator(model_dir, compute_type=compute_type, intra_threads=threads)
     tokens = [tokenizer.ids_to_tokens(ids) for ids in tokenizer.encode_source(sources)]
-    results = translator.translate_batch(
-        tokens,
-        beam_size=beam_size,
-        max_batch_size=max_batch_tokens,
-        batch_type="tokens",  # CT2 sorts by length internally and restores the input order
-        max_decoding_length=max_decoding_length,
-    )
     vocab = tokenizer.token_to_id
     unk = vocab.get("<unk>", 0)
-    ids = [[vocab.get(t, unk) for t in r.hypotheses[0]] for r in results]
+    ids: list[list[int]] = [[] for _ in tokens]
+    lengths = [len(t) for t in tokens]
+    for chunk in budget_chunks(sorted(range(len(tokens)), key=lengths.__getitem__), lengths, max_batch_tokens):
+        limit = min(max_decoding_length, int(length_ratio * len(tokens[chunk[-1]])) + 10)
+        results = translator.translate_batch([tokens[i] for i in chunk], beam_size=beam_size,
+                                             max_decoding_length=limit)
+        for i, res in zip(chunk, results, strict=True):
+            ids[i] = [vocab.get(t, unk) for t in res.hypotheses[0]]
     return tokenizer.decode(ids)
 
 

@@ -74,6 +74,13 @@ class Progress:
     updated_at: str = ""
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def shard_name(i: int) -> str:
     return f"part-{i:05d}"
 
@@ -154,6 +161,7 @@ class ShardWriter:
             "sha256": sha256_bytes(data),
             "seconds": round(time.monotonic() - started, 3),
             "pid": os.getpid(),
+            "peak_rss_mb": peak_rss_mb(),
         }
         self.store.write_json_atomic(f"{directory}/_{name}.json", meta)  # after the shard: marks it complete
         return meta
@@ -289,8 +297,9 @@ def _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprin
 
     from pipeline.spec import SPEC_VERSION
 
-    # pid and seconds describe one execution, not the data: keep them out of the manifest.
-    shards = [{k: v for k, v in done[i].items() if k not in ("pid", "seconds")} for i in range(n_shards)]
+    # pid, seconds and memory describe one execution, not the data: keep them out of the manifest.
+    run_only = ("pid", "seconds", "peak_rss_mb")
+    shards = [{k: v for k, v in done[i].items() if k not in run_only} for i in range(n_shards)]
     dataset_hash = sha256_bytes("".join(f"{s['name']}:{s['sha256']}\n" for s in shards).encode())
     return {
         "manifest_version": schema.MANIFEST_VERSION,

@@ -15,7 +15,7 @@ log-probs kept per target position) is a parameter of the schema: build it with
 | `hyp_rank` | `int16` | 0 for references / 1-best; 0..n-1 for n-best, samples |
 | `hyp_kind` | `string` | `reference`, `greedy`, `beam` or `sample` (1) |
 | `hyp_text` | `string` | text of `hyp_ids` |
-| `hyp_ids` | `list<int32>` | sequence the top-k is aligned with, incl. eos (2) |
+| `hyp_ids` | `list<int32>` | sequence the top-k is aligned with, ends with eos unless cut at max_length (2) |
 | `score` | `float32` | sum of teacher log-probs of `hyp_ids` (≤ 0) |
 | `topk_ids` | `list<fixed_size_list<int32, k>>` | per position: k best token ids, best first |
 | `topk_logprobs` | `list<fixed_size_list<float16, k>>` | their log-probs, non-increasing |

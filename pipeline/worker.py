@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import schema
+from pipeline.batching import budget_chunks
 from pipeline.ct2 import check_vocabulary, load_translator
 from pipeline.noise import noise_batch
 from pipeline.spec import DecodeMode, JobSpec
@@ -88,8 +89,9 @@ class TeacherWorker:
             # reproducible whichever actor runs it.
             ctranslate2.set_random_seed(seed)
             self.translator = self._load()
-        order = np.argsort([len(s) for s in src], kind="stable")
-        for sub in self._sub_batches(order, src):
+        lengths = [len(s) for s in src]
+        order = np.argsort(lengths, kind="stable")
+        for sub in budget_chunks(order, lengths, self.spec.resources.batch_tokens):
             self._decode(sub, src, tgt, rows)
 
         perm = np.lexsort((rows.rank, rows.example))
@@ -123,16 +125,6 @@ class TeacherWorker:
             "noise": pa.array([batch["noise"][e] for e in ex], pa.string()),
         }
         return pa.Table.from_arrays([columns[f.name] for f in self.schema], schema=self.schema)
-
-    def _sub_batches(self, order: np.ndarray, src: list[list[int]]):
-        """Consecutive runs of length-sorted examples under the token budget (padded source tokens)."""
-        budget, start = self.spec.resources.batch_tokens, 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and len(src[order[end]]) * (end + 1 - start) <= budget:
-                end += 1
-            yield order[start:end].tolist()
-            start = end
 
     # -- decoding -------------------------------------------------------------------------------
     def _tokens(self, ids: list[int]) -> list[str]:

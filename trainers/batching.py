@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pipeline.batching import budget_chunks
+
 IGNORE = -100  # label value ignored by every loss
 
 
@@ -34,13 +36,7 @@ def token_batches(
     # Random tie-breaking among equal lengths keeps batches varied across epochs.
     tiebreak = rng.random(len(lengths)) if shuffle else np.arange(len(lengths))
     order = np.lexsort((tiebreak, lengths))
-    batches, start = [], 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and lengths[order[end]] * (end + 1 - start) <= max_tokens:
-            end += 1
-        batches.append(order[start:end])
-        start = end
+    batches = [np.asarray(c) for c in budget_chunks(order, lengths, max_tokens)]
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches

@@ -68,7 +68,8 @@ def test_int8_teacher_stays_close(tiny_teacher, tiny_tokenizer, torch_reference)
         [tiny_tokenizer.ids_to_tokens(s) for s in src], [tiny_tokenizer.ids_to_tokens(t[:-1]) for t in tgt]
     )
     ct2 = np.concatenate([r.log_probs for r in results])
-    ref = np.concatenate([lp.gather(1, torch.tensor(t)[:, None])[:, 0].numpy() for t, lp in zip(tgt, logprobs, strict=True)])
+    pairs = zip(tgt, logprobs, strict=True)
+    ref = np.concatenate([lp.gather(1, torch.tensor(t)[:, None])[:, 0].numpy() for t, lp in pairs])
     assert np.abs(ct2 - ref).mean() < 0.05
 
 

@@ -40,7 +40,8 @@ def corpus(tiny_data, tmp_path_factory) -> Path:
     import pyarrow.parquet as pq
 
     table = pq.read_table(tiny_data / "train.parquet").slice(0, 60)
-    lines = [f"{s}\t{t}".encode() for s, t in zip(table["source"].to_pylist(), table["target"].to_pylist(), strict=True)]
+    pairs = zip(table["source"].to_pylist(), table["target"].to_pylist(), strict=True)
+    lines = [f"{s}\t{t}".encode() for s, t in pairs]
     lines[10:10] = [b"Ein Satz ohne Ziel\t", b"keine Spalten", b"kaputt \xff\xfe\tbroken"]
     path = tmp_path_factory.mktemp("corpus") / "corpus.tsv"
     path.write_bytes(b"\n".join(lines) + b"\n")

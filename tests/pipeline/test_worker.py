@@ -126,7 +126,8 @@ def test_noise_is_applied_recorded_and_reproducible(tiny_teacher, examples, tmp_
     worker = TeacherWorker(spec)
     table = worker.distill(examples)
     assert table.column("noise").to_pylist() == worker.distill(examples).column("noise").to_pylist()
-    changed = [s != o for s, o in zip(table.column("source").to_pylist(), examples.column("source").to_pylist(), strict=True)]
+    noised, original = table.column("source").to_pylist(), examples.column("source").to_pylist()
+    changed = [s != o for s, o in zip(noised, original, strict=True)]
     assert sum(changed) >= 5
     for noise, orig, new in zip(table.column("noise").to_pylist(), examples.column("source").to_pylist(),
                                 table.column("source").to_pylist(), strict=True):

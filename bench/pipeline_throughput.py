@@ -1,0 +1,136 @@
+"""Pipeline throughput, measured side by side in one run on the same model, sentences and cores.
+
+    .venv/bin/python bench/pipeline_throughput.py [--sentences 2000] [--max-length 32] [--hf-sentences 200]
+
+Prints:
+  (a) distill job target tokens/s ÷ raw CTranslate2 ``translate_batch`` tokens/s, greedy (top-k 8 stored)
+      and beam 4 (n-best 1, top-k 8 from the second teacher-forced pass);
+  (b) distill ÷ Hugging Face ``generate`` on the same weights, next to raw CT2 ÷ ``generate``;
+  (c) 2 workers × 1 thread vs 1 worker × 2 threads (greedy);
+  (d) bytes per target token on disk.
+"Job" rates count the whole job (Ray start, actor start, model load, writes); "worker" rates count the
+seconds the workers spent on their shards, i.e. the steady state a long job converges to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import pyarrow.parquet as pq
+from common import WORK, Timer, corpus_file, setup
+
+THREADS = 2  # the cores of this machine; every system gets the same
+
+
+def raw_ct2(paths, sources: list[list[str]], *, beam: int, max_length: int) -> float:
+    """Target tokens/s of plain ``translate_batch`` (int8, same token budget as the pipeline)."""
+    from pipeline.ct2 import load_translator
+
+    translator = load_translator(paths["ct2"], compute_type="int8", intra_threads=THREADS)
+    with Timer() as t:
+        results = translator.translate_batch(sources, beam_size=beam, max_batch_size=4096, batch_type="tokens",
+                                             max_decoding_length=max_length, min_decoding_length=0)
+    tokens = sum(min(len(r.hypotheses[0]) + 1, max_length) for r in results)
+    return tokens / t.seconds
+
+
+def hf_generate(paths, texts: list[str], *, beam: int, max_length: int) -> float:
+    import torch
+    from transformers import MarianMTModel
+
+    from pipeline.tokenizer import Tokenizer
+
+    torch.set_num_threads(THREADS)
+    tok = Tokenizer.load(paths["tokenizer"])
+    model = MarianMTModel.from_pretrained(paths["hf"]).eval()
+    ids = tok.encode_source(texts)
+    tokens, seconds = 0, 0.0
+    for start in range(0, len(ids), 32):
+        batch = ids[start:start + 32]
+        width = max(len(x) for x in batch)
+        input_ids = torch.tensor([x + [tok.pad_id] * (width - len(x)) for x in batch])
+        with torch.no_grad(), Timer() as t:
+            out = model.generate(input_ids=input_ids, attention_mask=(input_ids != tok.pad_id).long(), num_beams=beam,
+                                 do_sample=False, max_new_tokens=max_length, min_new_tokens=0)
+        seconds += t.seconds
+        tokens += int((out[:, 1:] != tok.pad_id).sum())  # generated tokens, </s> included
+    return tokens / seconds
+
+
+def distill(paths, corpus, *, mode: str, workers: int, threads: int, max_length: int, name: str) -> dict:
+    from pipeline.run import run_job
+    from pipeline.spec import JobSpec
+
+    decoding = {"mode": mode, "max_length": max_length} | ({"beam_size": 4} if mode == "beam" else {})
+    spec = JobSpec.model_validate({
+        "corpus": {"path": str(corpus)},
+        "teacher": {"model": str(paths["ct2"]), "tokenizer": str(paths["tokenizer"]), "compute_type": "int8"},
+        "decoding": decoding,
+        "targets": {"top_k": 8},
+        "output": {"store": str(WORK / "datasets"), "dataset": name, "shard_size": 500},
+        "resources": {"workers": workers, "threads_per_worker": threads, "batch_tokens": 4096},
+    })
+    shutil.rmtree(WORK / "datasets" / name, ignore_errors=True)
+    with Timer() as t:
+        manifest = run_job(spec)
+    sidecars = [json.loads((WORK / "datasets" / name / f"_{s['name'][:-8]}.json").read_text())
+                for s in manifest["shards"]]
+    tokens = manifest["counts"]["target_tokens"]
+    busy = sum(s["seconds"] for s in sidecars) / workers  # per-worker busy time, workers run in parallel
+    return {"job_tok_s": tokens / t.seconds, "worker_tok_s": tokens / busy, "tokens": tokens,
+            "bytes_per_token": manifest["counts"]["bytes"] / tokens, "seconds": t.seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sentences", type=int, default=2000)
+    parser.add_argument("--hf-sentences", type=int, default=200)
+    parser.add_argument("--max-length", type=int, default=32, help="target tokens per sentence (cap)")
+    args = parser.parse_args()
+
+    from pipeline.run import init_ray
+    from pipeline.tokenizer import Tokenizer
+
+    paths = setup()
+    corpus = corpus_file(args.sentences)
+    texts = pq.read_table(corpus)["source"].to_pylist()
+    tok = Tokenizer.load(paths["tokenizer"])
+    sources = [tok.ids_to_tokens(ids) for ids in tok.encode_source(texts)]
+    init_ray()
+    L = args.max_length
+    r = {
+        "raw_greedy": raw_ct2(paths, sources, beam=1, max_length=L),
+        "raw_beam4": raw_ct2(paths, sources, beam=4, max_length=L),
+        "hf_greedy": hf_generate(paths, texts[: args.hf_sentences], beam=1, max_length=L),
+        "hf_beam4": hf_generate(paths, texts[: args.hf_sentences], beam=4, max_length=L),
+        "greedy_1x2": distill(paths, corpus, mode="greedy", workers=1, threads=2, max_length=L, name="g1x2"),
+        "beam4_1x2": distill(paths, corpus, mode="beam", workers=1, threads=2, max_length=L, name="b1x2"),
+        "greedy_2x1": distill(paths, corpus, mode="greedy", workers=2, threads=1, max_length=L, name="g2x1"),
+    }
+    g, b = r["greedy_1x2"], r["beam4_1x2"]
+    lines = [
+        f"{args.sentences} sentences, ≤{L} target tokens, 6+6 d512 Marian, CT2 int8, {THREADS} threads",
+        f"raw CT2 translate_batch: greedy {r['raw_greedy']:,.0f} tok/s, beam 4 {r['raw_beam4']:,.0f} tok/s",
+        f"HF generate (float32):   greedy {r['hf_greedy']:,.0f} tok/s, beam 4 {r['hf_beam4']:,.0f} tok/s",
+        f"distill greedy top-8:    job {g['job_tok_s']:,.0f} tok/s, workers {g['worker_tok_s']:,.0f} tok/s",
+        f"distill beam 4 top-8:    job {b['job_tok_s']:,.0f} tok/s, workers {b['worker_tok_s']:,.0f} tok/s",
+        "(a) distill ÷ raw CT2:   greedy job {:.2f} / workers {:.2f} (goal ≥ 0.90); beam 4 job {:.2f} / workers {:.2f}"
+        " (goal ≥ 0.65)".format(g["job_tok_s"] / r["raw_greedy"], g["worker_tok_s"] / r["raw_greedy"],
+                                b["job_tok_s"] / r["raw_beam4"], b["worker_tok_s"] / r["raw_beam4"]),
+        "(b) ÷ HF generate:       greedy distill {:.2f} vs raw CT2 {:.2f}; "
+        "beam 4 distill {:.2f} vs raw CT2 {:.2f}".format(
+            g["worker_tok_s"] / r["hf_greedy"], r["raw_greedy"] / r["hf_greedy"],
+            b["worker_tok_s"] / r["hf_beam4"], r["raw_beam4"] / r["hf_beam4"]),
+        "(c) 2 workers × 1 thread ÷ 1 worker × 2 threads: job {:.2f}, workers {:.2f}".format(
+            r["greedy_2x1"]["job_tok_s"] / g["job_tok_s"], r["greedy_2x1"]["worker_tok_s"] / g["worker_tok_s"]),
+        f"(d) bytes per target token on disk (zstd): greedy {g['bytes_per_token']:.1f}, beam 4 "
+        f"{b['bytes_per_token']:.1f}",
+    ]
+    print("\n".join(lines))
+    (WORK / "pipeline_throughput.json").write_text(json.dumps(r, indent=2))
+
+
+if __name__ == "__main__":
+    main()
