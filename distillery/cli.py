@@ -268,7 +268,7 @@ def evaluate(
 @friendly_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="where every artifact goes; re-runs reuse it")] = Path("work/demo"),
-    teacher_minutes: Annotated[float, typer.Option(help="teacher training budget")] = 9.0,
+    teacher_minutes: Annotated[float, typer.Option(help="teacher training budget")] = 10.0,
     teacher_size: Annotated[str, typer.Option(help="teacher preset")] = "mini",
 ) -> None:
     """The main job end to end on the bundled corpus, on the embedded default (local files)."""
@@ -276,6 +276,167 @@ def demo(
 
     quiet_libraries()
     run_demo(workdir, teacher_minutes=teacher_minutes, teacher_size=teacher_size, console=console)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job service: `distillery serve` runs it, `distillery jobs …` is its client (server URL and token from
+# DISTILLERY_URL / DISTILLERY_TOKEN, else the token file the server wrote under its state dir).
+# ---------------------------------------------------------------------------------------------------------------
+
+jobs_app = typer.Typer(help="Submit, follow and cancel jobs on a running `distillery serve`.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+SPEC_PATH_FIELDS = (("corpus", "path"), ("corpus", "target_path"), ("teacher", "model"), ("teacher", "tokenizer"),
+                    ("output", "store"))
+
+
+@app.command("serve")
+@friendly_errors
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray dashboard URL, http://HEAD:8265 (default: DISTILLERY_RAY_ADDRESS, else an embedded head)")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        help="database, specs, token file (default: DISTILLERY_STATE_DIR or ~/.distillery)")] = None,
+    store: Annotated[str | None, typer.Option(help="default dataset store (default: <state-dir>/datasets)")] = None,
+) -> None:
+    """Run the job service (FastAPI + SQLite + Ray job submission) until interrupted."""
+    import uvicorn
+
+    from services.config import Settings
+    from services.main import create_app
+
+    overrides = {"ray_address": ray_address, "state_dir": state_dir, "store": store}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    console.print(f"distillery service on http://{host}:{port} (state {settings.state_path}, "
+                  f"store {settings.default_store}, Ray {settings.ray_address or 'embedded head'})")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+def _client_settings() -> tuple[str, str | None]:
+    url = os.environ.get("DISTILLERY_URL", "http://127.0.0.1:8000").rstrip("/")
+    token = os.environ.get("DISTILLERY_TOKEN")
+    if not token:
+        state = Path(os.environ.get("DISTILLERY_STATE_DIR", Path.home() / ".distillery")).expanduser()
+        if (state / "token").is_file():
+            token = (state / "token").read_text().strip()
+    return url, token
+
+
+def _request(method: str, path: str, **kwargs):
+    """One call to the service; any failure becomes `error: …` and exit status 2."""
+    import httpx
+
+    url, token = _client_settings()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(method, url + path, headers=headers, timeout=30, **kwargs)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error:[/] cannot reach the job service at {url} ({exc}); is `distillery serve` "
+                      "running and DISTILLERY_URL set?")
+        raise typer.Exit(2) from None
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        if isinstance(detail, list):  # field errors
+            detail = "\n".join(f"  {'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in detail)
+            detail = "invalid job spec:\n" + detail
+        hint = {401: " (set DISTILLERY_TOKEN)", 403: " (DISTILLERY_TOKEN is not this service's token)"}
+        console.print(f"[red]error:[/] {response.status_code}: {detail}{hint.get(response.status_code, '')}")
+        raise typer.Exit(2)
+    return response.json()
+
+
+def _job_line(job: dict) -> str:
+    p = job.get("progress") or {}
+    done = f"{p.get('shards_done', 0)}/{p.get('shards_total', 0)} shards {p.get('percent', 0):.0f}%" if p else ""
+    return f"{job['id']:<24} {job['state']:<10} {job.get('dataset') or '-':<24} {done}"
+
+
+@jobs_app.command("submit")
+@friendly_errors
+def jobs_submit(spec: Annotated[Path, typer.Argument(help="job spec, YAML or JSON")]) -> None:
+    """Submit a job spec; relative local paths in it are made absolute against the current directory."""
+    import yaml
+
+    if not spec.is_file():
+        raise FileNotFoundError(f"spec file not found: {spec}")
+    try:
+        data = yaml.safe_load(spec.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{spec} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{spec} must hold a mapping at the top level")
+    for section, field in SPEC_PATH_FIELDS:
+        value = (data.get(section) or {}).get(field) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
+            data[section][field] = os.path.abspath(value)
+    job = _request("POST", "/v1/jobs", json=data)
+    console.print(f"submitted [bold]{job['id']}[/] → dataset {job['dataset']} in {job['store']}")
+    print(job["id"])
+
+
+@jobs_app.command("list")
+@friendly_errors
+def jobs_list(
+    state: Annotated[str | None, typer.Option(help="queued | running | succeeded | failed | cancelled")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many, newest first")] = 50,
+) -> None:
+    """List jobs, newest first."""
+    params = {"limit": limit} | ({"state": state} if state else {})
+    page = _request("GET", "/v1/jobs", params=params)
+    for job in page["data"]:
+        print(_job_line(job))
+    console.print(f"{len(page['data'])} of {page['count']} jobs")
+
+
+@jobs_app.command("status")
+@friendly_errors
+def jobs_status(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    watch: Annotated[bool, typer.Option(help="follow with a progress bar until the job ends")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the job as JSON")] = False,
+) -> None:
+    """Show a job's state and progress; with --watch, exit 0 if it succeeds and 1 otherwise."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    job = _request("GET", f"/v1/jobs/{job_id}")
+    if watch:
+        columns = (TextColumn("[bold]{task.description}"), TextColumn("{task.fields[state]}"), BarColumn(),
+                   TextColumn("{task.completed}/{task.total} shards"), TextColumn("{task.fields[rate]}"),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task(job.get("dataset") or job_id, total=None, state=job["state"], rate="")
+            while True:
+                p = job.get("progress") or {}
+                bar.update(task, total=p.get("shards_total") or None, completed=p.get("shards_done", 0),
+                           state=job["state"], rate=f"{p['tokens_per_s']:,.0f} tok/s" if p.get("tokens_per_s") else "")
+                if job["state"] in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(1)
+                job = _request("GET", f"/v1/jobs/{job_id}")
+    if json_out:
+        print(json.dumps(job, indent=2))
+    else:
+        print(_job_line(job))
+        if job.get("error"):
+            console.print(f"[red]error:[/] {job['error']}")
+        if job.get("log_tail"):
+            console.print(job["log_tail"], markup=False, highlight=False)
+    if watch and job["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("cancel")
+@friendly_errors
+def jobs_cancel(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
+    """Stop a job; its complete shards stay, so submitting the same spec again resumes it."""
+    job = _request("POST", f"/v1/jobs/{job_id}/cancel")
+    console.print(f"{job['id']} {job['state']}")
 
 
 def main() -> None:  # pragma: no cover - console entry

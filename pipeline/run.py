@@ -187,8 +187,14 @@ def init_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        # "local" always starts a fresh instance: a bare ray.init() would try to join whatever cluster
+        # /tmp/ray/ray_current_cluster names, even a dead one. Loopback only: nothing listens outside.
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
 
 
 def run_job(

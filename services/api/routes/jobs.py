@@ -1,0 +1,105 @@
+"""``/v1/jobs``: submit a job spec, list and inspect jobs, cancel one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+
+from pipeline.spec import JobSpec
+from services.config import normalize_store
+from services.deps import Authorized, LauncherDep, ReconcilerDep, SettingsDep, StoreDep
+from services.models import IllegalTransition, JobList, JobPublic, JobState
+from services.reconciler import ID_PATTERN
+from services.store import JobNotFound
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("distillery.services")
+NOT_FOUND = {404: {"description": "no job with that id"}}
+
+
+def _field_error(loc: list[str], msg: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors."""
+    return HTTPException(422, [{"type": "value_error", "loc": ["body", *loc], "msg": msg}])
+
+
+def _job(store: StoreDep, job_id: str) -> JobPublic:
+    if not ID_PATTERN.match(job_id):
+        raise HTTPException(404, f"no job {job_id!r}")
+    try:
+        return store.get(job_id)
+    except JobNotFound:
+        raise HTTPException(404, f"no job {job_id!r}") from None
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[Authorized],
+             responses={409: {"description": "a job already writes that dataset"},
+                        503: {"description": "Ray cluster unavailable"}})
+def submit_job(spec: JobSpec, response: Response, settings: SettingsDep, store: StoreDep,
+               launcher: LauncherDep) -> JobPublic:
+    """Validate a job spec and launch ``python -m pipeline run SPEC`` on Ray."""
+    output = normalize_store(spec.output.store)
+    if output not in settings.stores:
+        raise _field_error(["output", "store"], f"store {spec.output.store!r} is not served here; "
+                                                f"use one of: {', '.join(settings.stores)}")
+    if busy := store.active_writer(output, spec.output.dataset):
+        raise HTTPException(409, f"job {busy} is already writing dataset {spec.output.dataset!r}")
+    job_id = f"job-{uuid.uuid4().hex[:16]}"
+    data = spec.model_dump(mode="json")
+    data["output"]["store"] = output
+    settings.specs_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.specs_dir / f"{job_id}.json"
+    path.write_text(json.dumps(data, indent=2))
+    job = store.create(id=job_id, submission_id=job_id, origin="service", entrypoint=launcher.entrypoint(path),
+                       spec=data, dataset=spec.output.dataset, store=output)
+    try:
+        launcher.submit(job_id=job_id, spec_path=path)
+    except Exception as exc:
+        log.exception("submitting %s failed", job_id)
+        store.transition(job_id, JobState.FAILED, error=f"could not submit to Ray: {exc}"[:2000])
+        raise HTTPException(503, f"could not submit the job to Ray at {launcher.address}: {exc}") from exc
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return job
+
+
+@router.get("")
+def list_jobs(store: StoreDep, state: JobState | None = None, limit: int = Query(50, ge=1, le=500),
+              offset: int = Query(0, ge=0, le=1_000_000_000)) -> JobList:
+    """Jobs newest first; ``state`` filters, ``limit``/``offset`` paginate."""
+    jobs, count = store.list(state=state, limit=limit, offset=offset)
+    return JobList(data=jobs, count=count, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", responses=NOT_FOUND)
+def get_job(job_id: str, store: StoreDep) -> JobPublic:
+    """State, progress, timestamps, error and log tail of one job."""
+    return _job(store, job_id)
+
+
+@router.post("/{job_id}/cancel", dependencies=[Authorized],
+             responses={**NOT_FOUND, 409: {"description": "the job has already finished"}})
+def cancel_job(job_id: str, store: StoreDep, launcher: LauncherDep, reconciler: ReconcilerDep) -> JobPublic:
+    """Stop the Ray job. Complete shards stay (a new job with the same spec resumes); no manifest is written."""
+    job = _job(store, job_id)
+    if job.state.is_terminal():
+        raise HTTPException(409, f"job {job_id} is already {job.state.value}")
+    try:
+        stopped = launcher.stop(job.submission_id)
+    except Exception as exc:  # unknown to Ray (never submitted, cluster gone): nothing left to stop
+        log.warning("stopping %s: %s", job_id, exc)
+        stopped = True
+    if not stopped:  # it finished meanwhile: record how
+        try:
+            rj = launcher.jobs().get(job.submission_id)
+        except Exception as exc:
+            raise HTTPException(503, f"Ray at {launcher.address} did not answer: {exc}") from exc
+        reconciler.sync_job(job, rj)
+        job = store.get(job_id)
+        if job.state.is_terminal():
+            raise HTTPException(409, f"job {job_id} is already {job.state.value}")
+    try:
+        return store.transition(job_id, JobState.CANCELLED)
+    except IllegalTransition as exc:
+        raise HTTPException(409, str(exc)) from exc

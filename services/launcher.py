@@ -1,0 +1,191 @@
+"""Launching and watching ``python -m pipeline run SPEC`` as Ray jobs (``JobSubmissionClient``).
+
+:class:`EmbeddedHead` starts a local Ray head (``ray start --head --block`` in a subprocess, with its own
+token-auth token) when no cluster address is configured, and stops exactly that head on shutdown.
+:class:`RayLauncher` wraps the job submission client: submit with ``submission_id`` = the job id, status,
+stop, log tail, and the job list from which jobs started with ``ray job submit`` are discovered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+HEAD_START_TIMEOUT_S = 120.0  # a cold `ray start` on 2 busy cores takes 5–30 s
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedHead:
+    """A local Ray head owned by this process, with token authentication.
+
+    Args:
+        state_dir: Where the token file and the head's output log go.
+        num_cpus: CPUs Ray may schedule (default: all).
+        cwd: Working directory of the head, and so of job drivers (relative spec paths resolve here).
+    """
+
+    def __init__(self, state_dir: Path, *, num_cpus: int | None = None, cwd: Path | None = None) -> None:
+        self.state_dir, self.num_cpus, self.cwd = state_dir, num_cpus, cwd or Path.cwd()
+        self.token_path = state_dir / "ray_token"
+        self.address: str | None = None
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def token(self) -> str:
+        return self.token_path.read_text().strip()
+
+    def start(self) -> str:
+        """Start the head and wait for its job server; return the dashboard URL."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not self.token_path.exists():
+            fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        dashboard = free_port()
+        ray = str(Path(sys.executable).with_name("ray"))
+        cmd = [ray if os.path.exists(ray) else "ray", "start", "--head", "--block", "--disable-usage-stats",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+               f"--port={free_port()}", f"--ray-client-server-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}"]
+        if self.num_cpus:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        # This head runs no Serve replicas to migrate: stop at once instead of draining for up to 30 s.
+        env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"} | dict(os.environ)
+        env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+        env.pop("RAY_AUTH_TOKEN", None)  # the file wins only when no token is set in the environment
+        env.pop("RAY_ADDRESS", None)
+        log = open(self.state_dir / "ray-head.log", "ab")  # noqa: SIM115 - lives as long as the head
+        self._proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+        log.close()
+        self.address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+        headers = {"Authorization": f"Bearer {self.token}"}
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self._proc.returncode}; see {self.state_dir}/ray-head.log")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.address}/api/version", headers=headers, timeout=2).status_code == 200:
+                    return self.address
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"Ray head not up after {HEAD_START_TIMEOUT_S:.0f} s; see {self.state_dir}/ray-head.log")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM the ``ray start --block`` process, which stops every process of this head."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class RayJob:
+    """What Ray knows of one submitted job."""
+
+    submission_id: str
+    status: str  # PENDING | RUNNING | STOPPED | SUCCEEDED | FAILED
+    entrypoint: str
+    message: str | None
+    start_time: float | None  # seconds since the epoch
+    end_time: float | None
+
+
+def pipeline_spec_path(entrypoint: str) -> str | None:
+    """The spec file named by an entrypoint ``[…] python -m pipeline run SPEC [--address A]``, else None."""
+    try:
+        words = shlex.split(entrypoint)
+    except ValueError:
+        return None
+    for i in range(len(words) - 2):
+        if words[i:i + 3] == ["-m", "pipeline", "run"]:
+            rest = words[i + 3:]
+            while rest:
+                word = rest.pop(0)
+                if word == "--address":
+                    rest = rest[1:]
+                elif not word.startswith("-"):
+                    return word
+                elif word in ("&&", ";", "|"):
+                    return None
+    return None
+
+
+class RayLauncher:
+    """Submits, watches and stops pipeline jobs on one Ray cluster.
+
+    Args:
+        address: Ray dashboard URL (``http://127.0.0.1:8265``).
+        token: Bearer token for a cluster with token authentication (None: Ray's own lookup).
+        python: Interpreter of the entrypoint on the cluster.
+    """
+
+    def __init__(self, address: str, *, token: str | None = None, python: str = "python") -> None:
+        self.address, self.python = address, python
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.address, headers=dict(self._headers))
+        return self._client
+
+    def entrypoint(self, spec_path: Path) -> str:
+        return f"{shlex.quote(self.python)} -m pipeline run {shlex.quote(str(spec_path))}"
+
+    def submit(self, *, job_id: str, spec_path: Path) -> str:
+        """Start ``python -m pipeline run SPEC`` with ``submission_id = job_id``."""
+        return self.client.submit_job(entrypoint=self.entrypoint(spec_path), submission_id=job_id)
+
+    def stop(self, submission_id: str) -> bool:
+        """Ask Ray to stop the job (SIGTERM, then SIGKILL); False if it had already finished."""
+        return self.client.stop_job(submission_id)
+
+    def logs_tail(self, submission_id: str, lines: int) -> str:
+        with contextlib.suppress(Exception):
+            return "\n".join(self.client.get_job_logs(submission_id).splitlines()[-lines:])
+        return ""
+
+    def jobs(self) -> dict[str, RayJob]:
+        """Every submitted job Ray knows, by submission id (drivers started without submission are left out)."""
+        out = {}
+        for info in self.client.list_jobs():
+            if info.submission_id is None:
+                continue
+            out[info.submission_id] = RayJob(
+                submission_id=info.submission_id, status=str(info.status.value), entrypoint=info.entrypoint or "",
+                message=info.message, start_time=info.start_time / 1000 if info.start_time else None,
+                end_time=info.end_time / 1000 if info.end_time else None)
+        return out
+
+    def reachable(self) -> bool:
+        try:
+            self.client.get_version()
+            return True
+        except Exception:
+            self._client = None  # reconnect (and re-check the version) next time
+            return False

@@ -1,0 +1,291 @@
+"""The API against an in-process app with a stand-in for Ray: auth, validation, state machine, reconciling,
+datasets and path traversal, limits, metrics. The real-Ray end-to-end tests are in test_service_ray.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.launcher import RayJob, pipeline_spec_path
+from services.main import create_app
+from services.models import IllegalTransition, JobState
+from services.store import JobStore
+from tests.services.conftest import AUTH, make_settings, spec_body
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def submit(client, settings, **kwargs):
+    return client.post("/v1/jobs", json=spec_body(settings.default_store, **kwargs), headers=AUTH)
+
+
+def test_importing_the_service_pulls_in_neither_torch_nor_ctranslate2():
+    code = ("import sys, services.main, services.launcher, distillery.cli; services.main.create_app(); "
+            "from ray.job_submission import JobSubmissionClient; "
+            "print(sorted(m for m in ('torch', 'ctranslate2', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("method,path", [("post", "/v1/jobs"), ("post", "/v1/jobs/job-x/cancel")])
+def test_state_changing_endpoints_need_the_token(client, settings, method, path):
+    body = spec_body(settings.default_store)
+    missing = client.request(method, path, json=body)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert client.request(method, path, json=body, headers={"Authorization": "Basic dXNlcjpwdw=="}).status_code == 401
+    assert client.request(method, path, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert client.get("/v1/jobs").status_code == 200  # reads are open
+
+
+def test_submit_records_the_job_writes_its_spec_and_launches_it(client, settings, fake_ray):
+    r = submit(client, settings)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["state"] == "queued" and job["origin"] == "service" and job["dataset"] == "ds"
+    assert job["store"] == settings.default_store and job["submission_id"] == job["id"]
+    spec_file = settings.specs_dir / f"{job['id']}.json"
+    assert json.loads(spec_file.read_text())["output"]["dataset"] == "ds"
+    assert pipeline_spec_path(fake_ray.ray_jobs[job["id"]].entrypoint) == str(spec_file)
+    assert client.get(f"/v1/jobs/{job['id']}").json()["spec"]["targets"]["top_k"] == 4
+    page = client.get("/v1/jobs", params={"state": "queued"}).json()
+    assert page["count"] == 1 and page["data"][0]["id"] == job["id"]
+    assert client.get("/v1/jobs", params={"state": "running"}).json()["count"] == 0
+    # A second job writing the same dataset while the first is active is refused.
+    assert submit(client, settings).status_code == 409
+
+
+@pytest.mark.parametrize("change,where", [
+    (lambda b: b.update(bogus=1), "bogus"),
+    (lambda b: b["output"].update(dataset="../etc"), "output.dataset"),
+    (lambda b: b["decoding"].update(mode="greedy", num_hypotheses=3) if "decoding" in b
+     else b.update(decoding={"mode": "greedy", "num_hypotheses": 3}), "decoding"),
+    (lambda b: b.pop("teacher"), "teacher"),
+    (lambda b: b["output"].update(store="/etc"), "output.store"),
+    (lambda b: b["output"].update(store="s3://[broken"), "output.store"),
+])
+def test_bad_specs_get_422_with_field_errors(client, settings, change, where):
+    body = spec_body(settings.default_store)
+    change(body)
+    r = client.post("/v1/jobs", json=body, headers=AUTH)
+    assert r.status_code == 422, r.text
+    locs = [".".join(str(p) for p in e["loc"][1:]) for e in r.json()["detail"]]
+    assert any(loc.startswith(where) for loc in locs), locs
+    assert client.get("/v1/jobs").json()["count"] == 0
+
+
+def test_body_that_is_not_json_or_too_large(client, settings):
+    assert client.post("/v1/jobs", content=b"{not json", headers=AUTH | {"content-type": "application/json"}
+                       ).status_code == 422
+    big = spec_body(settings.default_store, corpus={"path": "x" * (settings.max_body_bytes + 10)})
+    assert client.post("/v1/jobs", json=big, headers=AUTH).status_code == 413
+
+    def chunks():  # no content-length: the limit applies to what is streamed
+        for _ in range(settings.max_body_bytes // 1000 + 2):
+            yield b" " * 1000
+
+    assert client.post("/v1/jobs", content=chunks(), headers=AUTH).status_code == 413
+
+
+@pytest.mark.parametrize("job_id", ["job-doesnotexist", "..", "%2e%2e", "a" * 300])
+def test_unknown_jobs_are_404(client, job_id):
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH).status_code == 404
+
+
+def test_submission_failure_is_503_and_recorded(client, settings, fake_ray):
+    fake_ray.fail_submit = True
+    r = submit(client, settings)
+    assert r.status_code == 503 and "Ray" in r.json()["detail"]
+    [job] = client.get("/v1/jobs").json()["data"]
+    assert job["state"] == "failed" and "Ray is down" in job["error"]
+
+
+def write_progress(settings, dataset: str, **fields) -> None:
+    from datetime import UTC, datetime
+
+    directory = Path(settings.default_store) / dataset
+    directory.mkdir(parents=True, exist_ok=True)
+    data = {"state": "running", "shards_total": 4, "shards_done": 1, "shards_skipped": 0, "examples_total": 100,
+            "examples_done": 25, "rows_done": 25, "target_tokens_done": 500, "bytes_written": 1000,
+            "elapsed_s": 5.0, "tokens_per_s": 100.0, "eta_s": 15.0, "error": "",
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds")} | fields
+    (directory / "_progress.json").write_text(json.dumps(data))
+
+
+def test_reconciler_follows_ray_and_the_progress_file(client, settings, fake_ray):
+    reconciler = client.app.state.reconciler
+    job_id = submit(client, settings).json()["id"]
+    reconciler.sync()
+    assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+    fake_ray.ray_jobs[job_id].status = "RUNNING"
+    write_progress(settings, "ds")
+    reconciler.sync()
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "running" and job["started_at"]
+    assert job["progress"]["shards_done"] == 1 and job["progress"]["percent"] == 25.0
+    assert job["progress"]["examples_per_s"] == 5.0 and job["progress"]["eta_s"] == 15.0
+    metrics = client.get("/metrics").text
+    assert 'distillery_jobs{state="running"} 1.0' in metrics
+    assert "distillery_examples_per_second 5.0" in metrics
+    write_progress(settings, "ds", state="succeeded", shards_done=4, examples_done=100)
+    fake_ray.ray_jobs[job_id].status = "SUCCEEDED"
+    reconciler.sync()
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "succeeded" and job["finished_at"] and job["progress"]["percent"] == 100.0
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH).status_code == 409
+
+
+def test_failed_job_keeps_error_and_log_tail(client, settings, fake_ray):
+    reconciler = client.app.state.reconciler
+    job_id = submit(client, settings).json()["id"]
+    fake_ray.ray_jobs[job_id].status = "FAILED"  # between two syncs: queued → running → failed
+    fake_ray.ray_jobs[job_id].message = "Job entrypoint command failed with exit code 2"
+    fake_ray.logs[job_id] = "loading\nerror: teacher model directory not found: /models/teacher-ct2\n"
+    reconciler.sync()
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "failed" and job["started_at"] and job["finished_at"]
+    assert job["error"] == "teacher model directory not found: /models/teacher-ct2"
+    assert "loading" in job["log_tail"]
+
+
+def test_cancel_and_jobs_lost_by_ray(client, settings, fake_ray):
+    reconciler = client.app.state.reconciler
+    first = submit(client, settings, dataset="a").json()["id"]
+    r = client.post(f"/v1/jobs/{first}/cancel", headers=AUTH)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert fake_ray.ray_jobs[first].status == "STOPPED"
+    reconciler.sync()  # Ray's STOPPED agrees; nothing moves
+    assert client.get(f"/v1/jobs/{first}").json()["state"] == "cancelled"
+    assert client.post(f"/v1/jobs/{first}/cancel", headers=AUTH).status_code == 409
+    # A job Ray finished just before the cancel arrived keeps its real outcome.
+    second = submit(client, settings, dataset="b").json()["id"]
+    fake_ray.ray_jobs[second].status = "SUCCEEDED"
+    r = client.post(f"/v1/jobs/{second}/cancel", headers=AUTH)
+    assert r.status_code == 409 and client.get(f"/v1/jobs/{second}").json()["state"] == "succeeded"
+    # A running job the cluster no longer knows (head restarted) fails with a hint to resubmit.
+    third = submit(client, settings, dataset="c").json()["id"]
+    fake_ray.ray_jobs[third].status = "RUNNING"
+    reconciler.sync()
+    del fake_ray.ray_jobs[third]
+    reconciler.sync()
+    job = client.get(f"/v1/jobs/{third}").json()
+    assert job["state"] == "failed" and "submit it again" in job["error"]
+
+
+def test_state_machine(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.create(id="j1", submission_id="j1", origin="service")
+    with pytest.raises(IllegalTransition):
+        store.transition("j1", JobState.SUCCEEDED)  # queued → succeeded skips running
+    assert store.transition("j1", JobState.RUNNING).started_at is not None
+    assert store.transition("j1", JobState.SUCCEEDED).state == JobState.SUCCEEDED
+    for target in JobState:
+        with pytest.raises(IllegalTransition):
+            store.transition("j1", target)  # terminal is final
+    store.create(id="j2", submission_id="j2", origin="service")
+    assert store.transition("j2", JobState.CANCELLED).finished_at is not None
+    assert store.counts_by_state()[JobState.SUCCEEDED] == 1 and store.counts_by_state()[JobState.QUEUED] == 0
+    store.close()
+    reopened = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")  # records survive a restart
+    assert reopened.get("j1").state == JobState.SUCCEEDED and reopened.get("j1").created_at.tzinfo is not None
+
+
+def test_discovers_jobs_submitted_directly_to_ray(client, settings, fake_ray, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(spec_body(settings.default_store, dataset="direct")))
+    fake_ray.ray_jobs["raysubmit_abc123"] = RayJob(
+        "raysubmit_abc123", "RUNNING", f"python -m pipeline run {spec} --address auto", None, 1.7e9, None)
+    fake_ray.ray_jobs["raysubmit_other"] = RayJob("raysubmit_other", "RUNNING", "python train.py", None, 1.7e9, None)
+    fake_ray.ray_jobs["raysubmit_nospec"] = RayJob(
+        "raysubmit_nospec", "SUCCEEDED", "python -m pipeline run /missing.yaml", None, 1.7e9, 1.7e9 + 5)
+    client.app.state.reconciler.sync()
+    jobs = {j["id"]: j for j in client.get("/v1/jobs").json()["data"]}
+    assert set(jobs) == {"raysubmit_abc123", "raysubmit_nospec"}
+    found = jobs["raysubmit_abc123"]
+    assert found["origin"] == "ray" and found["state"] == "running" and found["dataset"] == "direct"
+    assert found["store"] == settings.default_store
+    assert jobs["raysubmit_nospec"]["state"] == "succeeded" and jobs["raysubmit_nospec"]["dataset"] is None
+
+
+@pytest.mark.parametrize("entrypoint,spec", [
+    ("python -m pipeline run spec.yaml", "spec.yaml"),
+    ("/venv/bin/python -m pipeline run --address http://h:8265 '/a b/s.json'", "/a b/s.json"),
+    ("RAY_X=1 python -u -m pipeline run s.yaml --address auto", "s.yaml"),
+    ("python -m pipeline.other run s.yaml", None),
+    ("python train.py", None),
+    ("python -m pipeline run 'unbalanced", None),
+])
+def test_entrypoint_parsing(entrypoint, spec):
+    assert pipeline_spec_path(entrypoint) == spec
+
+
+def make_dataset(root: Path, name: str, *, complete: bool) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "part-00000.parquet").write_bytes(b"x" * 100)
+    (d / "_job.json").write_text("{}")
+    (d / "_progress.json").write_text(json.dumps({"state": "succeeded" if complete else "running",
+                                                  "shards_total": 1, "shards_done": int(complete),
+                                                  "examples_total": 10, "examples_done": 10 * complete}))
+    if complete:
+        (d / "_manifest.json").write_text(json.dumps({
+            "dataset": name, "counts": {"examples": 10, "rows": 20, "target_tokens": 300, "bytes": 100},
+            "shards": [{"name": "part-00000.parquet"}], "dataset_hash": "sha256:abc"}))
+
+
+def test_datasets_listing_and_detail(client, settings):
+    root = Path(settings.default_store)
+    make_dataset(root, "done", complete=True)
+    make_dataset(root, "partial", complete=False)
+    (root / "not-a-dataset").mkdir()
+    listing = client.get("/v1/datasets").json()
+    assert [d["name"] for d in listing["data"]] == ["done", "partial"]
+    done = client.get("/v1/datasets/done").json()
+    assert done["complete"] and done["examples"] == 10 and done["rows"] == 20 and done["shards"] == 1
+    assert done["manifest"]["dataset_hash"] == "sha256:abc" and done["files"] == 4
+    partial = client.get("/v1/datasets/partial").json()
+    assert not partial["complete"] and partial["state"] == "running" and partial["progress"]["percent"] == 0
+    assert client.get("/v1/datasets/nope").status_code == 404
+    assert client.get("/v1/datasets/not-a-dataset").status_code == 404
+    assert client.get("/v1/datasets", params={"store": "/etc"}).status_code == 422
+
+
+def test_path_traversal_never_reads_outside_the_store(client, settings, tmp_path):
+    # A complete-looking dataset right outside the store root, and a secret next to it.
+    make_dataset(tmp_path, "outside", complete=True)
+    (tmp_path / "secret.txt").write_text("top secret")
+    attempts = ["..", "%2e%2e", "..%2Foutside", "%2e%2e%2foutside", "..%252Foutside", "..%5Coutside",
+                ".%2e/outside", "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd", "..%00", "...", ".hidden"]
+    for name in attempts:
+        r = client.get(f"/v1/datasets/{name}")
+        assert r.status_code in (404, 422), (name, r.status_code, r.text)
+        assert "outside" not in r.text.replace(name, "") or r.status_code == 422
+    r = client.get("/v1/datasets/outside", params={"store": str(tmp_path)})
+    assert r.status_code == 422  # not an allowed store
+    assert client.get("/v1/datasets/../secret.txt").status_code == 404
+
+
+def test_token_is_generated_once_with_0600(tmp_path, fake_ray, capfd):
+    settings = make_settings(tmp_path, token=None)
+    with TestClient(create_app(settings, launcher=fake_ray)) as c:
+        token = (settings.state_path / "token").read_text().strip()
+        assert c.post("/v1/jobs/job-x/cancel", headers={"Authorization": f"Bearer {token}"}).status_code == 404
+    assert stat.S_IMODE(os.stat(settings.state_path / "token").st_mode) == 0o600
+    assert token in capfd.readouterr().err
+    with TestClient(create_app(make_settings(tmp_path, token=None), launcher=fake_ray)):
+        assert (settings.state_path / "token").read_text().strip() == token
+    assert token not in capfd.readouterr().err  # printed only when generated
+
+
+def test_healthz(client):
+    health = client.get("/healthz").json()
+    assert health == {"status": "ok", "ray_address": "http://ray.invalid:8265", "ray_embedded": False,
+                      "ray_reachable": True, "jobs_active": 0}
