@@ -210,6 +210,27 @@ def distill(
     )
 
 
+@app.command("train")
+@friendly_errors
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML/JSON StudentConfig (see README, 'Training students')")],
+    loss: Annotated[str | None, typer.Option(help="override loss.name: nll|token|sentence|hybrid|…")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS or embedded)")] = None,
+) -> None:
+    """Train a student from a distilled dataset on Ray Train, export it to CTranslate2 and score it."""
+    from pipeline.config import load_config
+    from trainers.losses import LossConfig
+    from trainers.student import StudentConfig, train_student
+
+    quiet_libraries()
+    cfg = load_config(config, StudentConfig, workers=workers)
+    if loss is not None:
+        cfg.loss = LossConfig.model_validate(cfg.loss.model_dump() | {"name": loss})
+    results = train_student(cfg, address=address)
+    console.print(json.dumps(results, indent=2))
+
+
 @app.command("export")
 @friendly_errors
 def export(

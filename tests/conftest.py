@@ -89,3 +89,38 @@ def make_bucket(endpoint: str) -> str:
     )
     admin.create_dir(name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray for the whole session (starting one costs seconds)."""
+    import ray
+
+    from pipeline.run import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_distilled(ray_local, tiny_data, tiny_teacher, tmp_path_factory) -> dict:
+    """Two datasets distilled by the real pipeline from the tiny teacher over the tiny train split:
+    teacher-forced top-8 along the references, and beam-4 2-best hypotheses with their own top-8."""
+    from pipeline.run import run_job
+    from pipeline.spec import JobSpec
+
+    store = tmp_path_factory.mktemp("datasets")
+    common = {
+        "corpus": {"path": str(tiny_data / "train.parquet"), "id_column": "id"},
+        "teacher": {"model": str(tiny_teacher["ct2_int8"])},
+        "targets": {"top_k": 8},
+        "resources": {"workers": 1, "threads_per_worker": 2},
+    }
+    out = {"store": str(store)}
+    for name, decoding in {"tf": {"mode": "teacher_forcing"},
+                           "beam": {"mode": "beam", "beam_size": 4, "num_hypotheses": 2, "max_length": 48}}.items():
+        spec = JobSpec.model_validate(common | {"decoding": decoding,
+                                                "output": {"store": str(store), "dataset": name, "shard_size": 500}})
+        out[name] = run_job(spec)
+    return out

@@ -1,8 +1,10 @@
 """The training loop: AdamW, warmup schedule, clipping, periodic validation, early stopping, resume.
 
 The loop is loss-agnostic: ``loss_fn(model, batch) -> (loss, n_target_tokens)``; the teacher passes
-label-smoothed NLL, students pass a KD loss. It runs single-process; distributed training wraps the same
-model in DDP before calling it.
+label-smoothed NLL, students pass a KD loss. The same loop runs on one process or on each Ray Train worker:
+with ``dist`` set, each worker gets its slice of every global batch (the caller normalises its loss by the
+step's global token count), validation sums are all-reduced so every worker takes the same early-stopping
+decision, and only rank 0 writes checkpoints and metrics.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +29,31 @@ from trainers.checkpoint import (
 )
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among the training workers (``torch.distributed`` is initialised by Ray Train)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, *values: float) -> list[float]:
+        """Sums ``values`` over all workers (identity on one worker)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
 
 
 class OptimConfig(BaseModel):
@@ -45,6 +73,7 @@ class OptimConfig(BaseModel):
     eval_every: int = Field(500, gt=0, description="validate every N steps (and each epoch end)")
     patience: int = Field(5, gt=0, description="evaluations without improvement before stopping")
     checkpoint_every: int = Field(500, gt=0, description="steps between resumable checkpoints")
+    log_every: int = Field(50, gt=0, description="steps between training-loss records in metrics.jsonl")
     seed: int = 0
 
 
@@ -67,15 +96,16 @@ def make_schedule(optimizer, cfg: OptimConfig, total_steps: int):
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: Iterable[dict], loss_fn: LossFn) -> float:
-    """Token-weighted mean loss over ``batches`` (dropout off)."""
+def evaluate_loss(model, batches: Iterable[dict], loss_fn: LossFn, dist: Dist = Dist()) -> float:
+    """Token-weighted mean of the per-batch mean ``loss_fn`` over ``batches`` on all workers (dropout off)."""
     model.eval()
     total, tokens = 0.0, 0
     for batch in batches:
-        loss, n = loss_fn(model, batch)
+        loss, n = loss_fn(unwrap(model), batch)  # no DDP hooks: workers may hold different batch counts
         total += loss.item() * n
         tokens += n
     model.train()
+    total, tokens = dist.all_sum(total, tokens)
     return total / max(tokens, 1)
 
 
@@ -89,6 +119,9 @@ def fit(
     run_dir: Path,
     tokenizer_dir: Path | None = None,
     progress_bar: bool = True,
+    valid_loss_fn: LossFn | None = None,
+    dist: Dist = Dist(),
+    on_validate: Callable[[dict], None] | None = None,
 ) -> Progress:
     """Trains ``model`` until max epochs/steps/minutes or early stopping; resumes from ``run_dir``.
 
@@ -98,6 +131,9 @@ def fit(
         valid_batches: fixed validation batches.
         run_dir: receives ``checkpoint/``, ``best/`` and ``metrics.jsonl``.
         tokenizer_dir: copied into ``best/`` so the best model is self-contained.
+        valid_loss_fn: validation loss (default ``loss_fn``); students validate with NLL on references.
+        dist: rank and world size when several workers train together.
+        on_validate: called with each validation record (e.g. to log gate values or report to Ray).
 
     Returns:
         Final progress; ``progress.finished`` says why training stopped.
@@ -114,29 +150,34 @@ def fit(
     steps_per_epoch = len(train_batches(0))
     total = cfg.max_steps or steps_per_epoch * cfg.max_epochs
     scheduler = make_schedule(optimizer, cfg, total)
-    state = load_checkpoint(run_dir, model, optimizer, scheduler) or Progress()
+    state = load_checkpoint(run_dir, unwrap(model), optimizer, scheduler) or Progress()
     if state.finished:
         return state
 
     model.train()
     # Off a terminal (CI logs, `ray job logs`) a redraw is a new line: print every 30 s instead.
-    bar = tqdm(total=total, initial=state.step, disable=not progress_bar, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total, initial=state.step, disable=not (progress_bar and dist.is_main), unit="step",
+               dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)
     started = time.monotonic() - state.elapsed_s
 
     def validate() -> bool:
         """Validates, keeps the best model; returns True when early stopping triggers."""
-        valid = evaluate_loss(model, valid_batches, loss_fn)
+        valid = evaluate_loss(model, valid_batches, valid_loss_fn or loss_fn, dist)
         improved = valid < state.best_valid
         if improved:
             state.best_valid, state.best_step, state.bad_evals = valid, state.step, 0
-            save_model(model, tokenizer_dir, run_dir / "best")
+            if dist.is_main:
+                save_model(unwrap(model), tokenizer_dir, run_dir / "best")
         else:
             state.bad_evals += 1
         record = {"event": "valid", "step": state.step, "epoch": state.epoch, "valid_loss": valid,
                   "best": state.best_valid, "elapsed_s": round(state.elapsed_s, 1)}
+        if on_validate:
+            on_validate(record)
         state.history.append(record)
-        append_metrics(run_dir, record)
+        if dist.is_main:
+            append_metrics(run_dir, record)
         bar.set_postfix(valid=f"{valid:.3f}", best=f"{state.best_valid:.3f}")
         return state.bad_evals >= cfg.patience
 
@@ -157,7 +198,7 @@ def fit(
             state.target_tokens += n_tokens
             state.elapsed_s = time.monotonic() - started
             bar.update(1)
-            if state.step % 50 == 0:
+            if (state.step % cfg.log_every == 0 or state.step == 1) and dist.is_main:
                 rate = state.target_tokens / max(state.elapsed_s, 1e-9)
                 bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
                 append_metrics(run_dir, {"event": "train", "step": state.step, "loss": loss.item(),
@@ -167,8 +208,8 @@ def fit(
                 state.finished = "early_stopping"
             elif cfg.max_steps and state.step >= cfg.max_steps:
                 state.finished = "max_steps"
-            elif cfg.max_minutes and state.elapsed_s >= cfg.max_minutes * 60:
-                state.finished = "max_minutes"
+            elif cfg.max_minutes and dist.all_sum(state.elapsed_s >= cfg.max_minutes * 60)[0] > 0:
+                state.finished = "max_minutes"  # any worker out of time stops all of them together
             if state.finished or state.step % cfg.checkpoint_every == 0:
                 break
         else:  # epoch completed
@@ -180,8 +221,10 @@ def fit(
                 state.finished = "max_epochs"
         if state.finished and (not state.history or state.history[-1]["step"] != state.step):
             validate()  # the steps since the last validation may hold the best model
-        save_checkpoint(run_dir, model, optimizer, scheduler, state)
+        if dist.is_main:
+            save_checkpoint(run_dir, unwrap(model), optimizer, scheduler, state)
     bar.close()
-    append_metrics(run_dir, {"event": "finished", "reason": state.finished, "step": state.step,
-                             "best_valid": state.best_valid, "elapsed_s": state.elapsed_s})
+    if dist.is_main:
+        append_metrics(run_dir, {"event": "finished", "reason": state.finished, "step": state.step,
+                                 "best_valid": state.best_valid, "elapsed_s": state.elapsed_s})
     return state

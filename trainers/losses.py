@@ -1,32 +1,406 @@
-"""Training losses. Every loss takes student logits ``[B, T, V]`` (float32 softmax) and ignores padding.
+"""Training losses: NLL, token-/sentence-level KD, their gated hybrid, and divergences over the teacher's top-k.
 
-More KD losses (token / sentence / hybrid / divergences) join this module with the same signature.
+Every loss takes student logits ``[B, T, V]`` (softmax math in float32) and a batch from the shard reader,
+ignores padding (``labels == IGNORE``) and returns ``reduction="mean"`` (mean over non-padding target tokens)
+or ``"sum"`` (so distributed training can divide by the global token count). Each loss is a per-token map
+``[B, T]`` helper plus one shared reduction. ``p`` is the teacher distribution, ``q`` the student's full-vocabulary
+softmax. The student is never renormalised over the teacher's top-k ids: a loss that only compares relative
+probabilities inside the top k cannot see how much mass the student puts elsewhere (a student trained that way
+learns nothing useful). ``token_kd`` compares the (renormalised) teacher top-k with the student's full-vocab
+probabilities at those ids, or (``tail="bucket"``) two (k+1)-way distributions whose last entry is the mass
+outside the top k; the other divergences always use those (k+1)-way distributions.
+
+Batch keys: ``labels`` ``[B, T]`` int64; ``topk_ids`` ``[B, T, k]`` int64; ``topk_logprobs`` ``[B, T, k]``;
+``tail_logprob`` ``[B, T]`` (log teacher mass outside the top k); ``score`` ``[B]`` (teacher sequence log-prob);
+optionally ``hidden`` ``[B, T, d]`` (decoder states, for the per-token hybrid gate).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trainers.batching import IGNORE
 
+Reduction = Literal["mean", "sum"]
+Tail = Literal["renormalize", "bucket"]
+Weighting = Literal["none", "score"]
+# Floor for log-probabilities: exp() already underflows to 0 in float32 near -104, and a finite floor keeps
+# -inf (k = V, an empty tail) out of the products and gradients, where 0 * inf would give NaN.
+_LOG_FLOOR = -1e4
 
-def nll(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean token cross-entropy with optional label smoothing.
 
-    ``L = -(1-ε) log p(y) - ε/V Σ_v log p(v)``, averaged over non-padding positions.
+def _reduce(loss_map: torch.Tensor, labels: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """Sums ``loss_map`` ``[B, T]`` over non-padding tokens; ``"mean"`` divides by their count (0 if none)."""
+    mask = labels != IGNORE
+    total = torch.where(mask, loss_map, 0.0).sum()  # where, not *: padded entries may hold anything
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / mask.sum().clamp_min(1)
+    raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'sum'")
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``KL(a ‖ b) = Σ_i a_i (log a_i − log b_i)`` over the last dim, from log-probabilities."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """``log(w·a + (1−w)·b)``, exact at ``w`` = 0 and 1."""
+    if w == 0:
+        return log_b
+    if w == 1:
+        return log_a
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+
+
+def _teacher(batch: dict, *, bucket: bool, temperature: float) -> torch.Tensor:
+    """Teacher log-probs ``[B, T, k(+1)]``: stored top-k (+ tail bucket) divided by T, renormalised."""
+    mask = (batch["labels"] != IGNORE)[..., None]
+    logp = batch["topk_logprobs"].float()
+    if bucket:
+        logp = torch.cat([logp, batch["tail_logprob"].float()[..., None]], dim=-1)
+    logp = torch.where(mask, logp, 0.0)  # padding may be all -inf, whose log_softmax is NaN
+    return F.log_softmax(logp / temperature, dim=-1).clamp_min(_LOG_FLOOR)
+
+
+def _student(logits: torch.Tensor, ids: torch.Tensor, *, bucket: bool, temperature: float) -> torch.Tensor:
+    """Student log-probs ``[B, T, k(+1)]`` at the teacher's top-k ids, from logits divided by T.
+
+    Full-vocabulary ``log q_i`` at the k ids (not renormalised over them); with ``bucket`` also the remaining
+    mass ``log(1 − Σ_topk q) = logsumexp(non-top-k logits) − logsumexp(all logits)``, without cancellation.
+    """
+    z = logits.float() / temperature
+    lse = z.logsumexp(-1, keepdim=True)
+    if not bucket:
+        return z.gather(-1, ids) - lse
+    # Finite fill, not -inf: with k = V the rest is empty, and logsumexp's gradient of all -inf is NaN.
+    rest = z.scatter(-1, ids, torch.finfo(z.dtype).min).logsumexp(-1, keepdim=True)
+    return torch.cat([z.gather(-1, ids) - lse, (rest - lse).clamp_min(_LOG_FLOOR)], dim=-1)
+
+
+def _support(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p, log q)`` ``[B, T, k+1]``: top-k plus the rest-of-vocabulary bucket, both proper distributions."""
+    ids = batch["topk_ids"]
+    return _teacher(batch, bucket=True, temperature=1.0), _student(logits, ids, bucket=True, temperature=1.0)
+
+
+def _nll_map(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Per-token cross-entropy ``[B, T]`` (0 on padding)."""
+    flat = F.cross_entropy(
+        logits.float().flatten(0, 1),
+        labels.flatten(),
+        ignore_index=IGNORE,
+        label_smoothing=label_smoothing,
+        reduction="none",
+    )
+    return flat.view(labels.shape)
+
+
+def _token_kd_map(
+    logits: torch.Tensor, batch: dict, *, temperature: float, tail: Tail, alpha: float, label_smoothing: float
+) -> torch.Tensor:
+    if tail not in ("renormalize", "bucket"):
+        raise ValueError(f"unknown tail {tail!r}; expected 'renormalize' or 'bucket'")
+    bucket = tail == "bucket"
+    log_p = _teacher(batch, bucket=bucket, temperature=temperature)
+    log_q = _student(logits, batch["topk_ids"], bucket=bucket, temperature=temperature)
+    kd = _kl(log_p, log_q) * temperature**2  # T² keeps gradient magnitudes comparable across T (Hinton)
+    if alpha == 1:
+        return kd
+    return alpha * kd + (1 - alpha) * _nll_map(logits, batch["labels"], label_smoothing)
+
+
+def _sentence_map(logits: torch.Tensor, batch: dict, *, weighting: Weighting, label_smoothing: float) -> torch.Tensor:
+    labels = batch["labels"]
+    loss = _nll_map(logits, labels, label_smoothing)
+    if weighting == "none":
+        return loss
+    if weighting != "score":
+        raise ValueError(f"unknown weighting {weighting!r}; expected 'none' or 'score'")
+    lengths = (labels != IGNORE).sum(-1)  # [B]
+    log_w = batch["score"].float() / lengths.clamp_min(1)  # log of the per-token geometric-mean probability
+    # w_b = N·exp(log_w_b) / Σ_c n_c·exp(log_w_c), in log space: exp(log_w) alone underflows for long, unlikely
+    # hypotheses. Rows with n_b = 0 drop out of the sum (log 0 = -inf); an all-padding batch gets w = 0, not NaN.
+    log_z = torch.logsumexp(log_w + lengths.float().log(), dim=0)
+    w = torch.where(lengths > 0, torch.exp(log_w - log_z) * lengths.sum(), 0.0)
+    return loss * w.detach()[:, None]
+
+
+def nll(
+    logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0, reduction: Reduction = "mean"
+) -> torch.Tensor:
+    """Token cross-entropy with optional label smoothing.
+
+    ``L = -(1-ε) log q(y) - ε/V Σ_v log q(v)`` per non-padding token.
 
     Args:
         logits: ``[B, T, V]`` unnormalised scores.
         labels: ``[B, T]`` target ids, ``IGNORE`` on padding.
         label_smoothing: ε in ``[0, 1)``.
+        reduction: ``"mean"`` over non-padding tokens (0 if there are none) or ``"sum"``.
     """
-    return F.cross_entropy(
-        logits.float().flatten(0, 1),
-        labels.flatten(),
-        ignore_index=IGNORE,
-        label_smoothing=label_smoothing,
+    return _reduce(_nll_map(logits, labels, label_smoothing), labels, reduction)
+
+
+def token_kd(
+    logits: torch.Tensor,
+    batch: dict,
+    *,
+    temperature: float = 1.0,
+    tail: Tail = "renormalize",
+    alpha: float = 1.0,
+    label_smoothing: float = 0.0,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Word-level KD: ``α·T²·KL(p_T ‖ q_T) + (1−α)·NLL(labels)`` per token.
+
+    ``p_T = softmax(log p_topk / T)`` over the support; ``q_T`` from ``softmax(logits / T)``.
+    ``tail="renormalize"``: the teacher renormalised over its k ids, the student's full-vocab probabilities
+    there. ``tail="bucket"``: a (k+1)-way distribution whose last entry is the mass outside the top k (teacher: ``exp(tail_logprob)``; student: ``1 − Σ_topk q``).
+
+    Args:
+        logits: ``[B, T, V]`` student scores.
+        batch: ``labels``, ``topk_ids``, ``topk_logprobs`` and, for the bucket, ``tail_logprob``.
+        temperature: T > 0 (1 = no smoothing).
+        tail: ``"renormalize"`` or ``"bucket"``.
+        alpha: weight of KD against NLL on ``labels``, in ``[0, 1]``.
+        label_smoothing: ε of the NLL term.
+        reduction: ``"mean"`` or ``"sum"`` over non-padding tokens.
+    """
+    loss = _token_kd_map(
+        logits, batch, temperature=temperature, tail=tail, alpha=alpha, label_smoothing=label_smoothing
     )
+    return _reduce(loss, batch["labels"], reduction)
+
+
+def sentence_kd(
+    logits: torch.Tensor,
+    batch: dict,
+    *,
+    weighting: Weighting = "none",
+    label_smoothing: float = 0.0,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Sequence-level KD: NLL on the teacher hypotheses (``labels`` holds their ids; n-best rows allowed).
+
+    ``weighting="score"`` weights every token of row b by ``w_b = exp(score_b / n_b)`` (the hypothesis'
+    per-token geometric-mean probability; ``n_b`` its non-padding tokens), rescaled so that
+    ``Σ_b n_b w_b = Σ_b n_b``; the mean is then ``Σ_b w_b Σ_t nll_bt / Σ_b n_b w_b``. The rescaling is per
+    (local) batch, so with ``"sum"`` across workers the weights are normalised per worker.
+
+    Args:
+        logits: ``[B, T, V]`` student scores.
+        batch: ``labels`` and, for ``"score"``, ``score`` ``[B]``.
+        weighting: ``"none"`` or ``"score"``.
+        label_smoothing: ε.
+        reduction: ``"mean"`` or ``"sum"`` over non-padding tokens.
+    """
+    loss = _sentence_map(logits, batch, weighting=weighting, label_smoothing=label_smoothing)
+    return _reduce(loss, batch["labels"], reduction)
+
+
+def reverse_kl(logits: torch.Tensor, batch: dict, *, reduction: Reduction = "mean") -> torch.Tensor:
+    """Reverse KL over the support: ``KL(q ‖ p) = Σ_i q_i (log q_i − log p_i)`` (mode-seeking)."""
+    log_p, log_q = _support(logits, batch)
+    return _reduce(_kl(log_q, log_p), batch["labels"], reduction)
+
+
+def jsd(logits: torch.Tensor, batch: dict, *, beta: float = 0.5, reduction: Reduction = "mean") -> torch.Tensor:
+    """Generalized JSD over the support, as in GKD (Agarwal et al. 2024) and TRL's ``generalized_jsd_loss``.
+
+    ``JSD_β = β·KL(p ‖ M) + (1−β)·KL(q ‖ M)`` with ``M = β·p + (1−β)·q``. That expression vanishes at both ends;
+    ``JSD_β / β → KL(p ‖ q)`` as β → 0 and ``JSD_β / (1−β) → KL(q ‖ p)`` as β → 1, so, like TRL, β = 0 is
+    defined as forward KL and β = 1 as reverse KL. β = 0.5 is the symmetric Jensen-Shannon divergence.
+    """
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    log_p, log_q = _support(logits, batch)
+    if beta == 0:
+        loss = _kl(log_p, log_q)
+    elif beta == 1:
+        loss = _kl(log_q, log_p)
+    else:
+        log_m = _log_mix(log_p, log_q, beta)
+        loss = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    return _reduce(loss, batch["labels"], reduction)
+
+
+def skew_kl(logits: torch.Tensor, batch: dict, *, lam: float = 0.1, reduction: Reduction = "mean") -> torch.Tensor:
+    """DistiLLM skew KL over the support: ``KL(p ‖ λ·p + (1−λ)·q)``; λ = 0 is forward KL, λ = 1 gives 0."""
+    if not 0 <= lam <= 1:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    log_p, log_q = _support(logits, batch)
+    return _reduce(_kl(log_p, _log_mix(log_p, log_q, lam)), batch["labels"], reduction)
+
+
+def tvd(logits: torch.Tensor, batch: dict, *, reduction: Reduction = "mean") -> torch.Tensor:
+    """Total variation distance over the support: ``0.5·Σ_i |p_i − q_i|``."""
+    log_p, log_q = _support(logits, batch)
+    return _reduce(0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1), batch["labels"], reduction)
+
+
+class HybridGate(torch.nn.Module):
+    """Learned gate ``g ∈ (0, 1)`` mixing token and sentence KD (``g`` weighs the token loss).
+
+    ``kind="scalar"``: ``g = sigmoid(w)``, one parameter, ``w = 0`` (g = 0.5) at init.
+    ``kind="token"``: ``g_t = sigmoid(W·h_t + b)`` from the decoder state ``h_t``; zero init, so also 0.5.
+    The states are detached: the gate reads the decoder, it should not reshape it to favour a loss.
+    """
+
+    def __init__(self, kind: Literal["scalar", "token"] = "scalar", *, d_model: int | None = None):
+        super().__init__()
+        self.kind = kind
+        if kind == "scalar":
+            self.w = torch.nn.Parameter(torch.zeros(()))
+        elif kind == "token":
+            if d_model is None:
+                raise ValueError("a token gate needs d_model")
+            self.proj = torch.nn.Linear(d_model, 1)
+            torch.nn.init.zeros_(self.proj.weight)
+            torch.nn.init.zeros_(self.proj.bias)
+        else:
+            raise ValueError(f"unknown gate kind {kind!r}; expected 'scalar' or 'token'")
+        self._last: torch.Tensor | None = None
+
+    def forward(self, mask: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Gate values ``[B, T]`` for the non-padding ``mask`` ``[B, T]``; ``hidden`` ``[B, T, d]`` for tokens."""
+        if self.kind == "scalar":
+            g = torch.sigmoid(self.w).expand(mask.shape)
+        else:
+            if hidden is None:
+                raise ValueError("a token gate needs the decoder hidden states (batch['hidden'] or hidden=)")
+            g = torch.sigmoid(self.proj(hidden.detach().float())).squeeze(-1)
+        # Kept as a tensor; .item() (a device sync) only when someone logs it.
+        self._last = torch.where(mask, g.detach(), 0.0).sum() / mask.sum().clamp_min(1)
+        return g
+
+    def last_value(self) -> float:
+        """Mean gate value over the non-padding tokens of the last call (NaN before any)."""
+        return math.nan if self._last is None else float(self._last)
+
+
+def hybrid(
+    logits: torch.Tensor,
+    batch: dict,
+    gate: HybridGate,
+    *,
+    temperature: float = 1.0,
+    tail: Tail = "renormalize",
+    weighting: Weighting = "none",
+    label_smoothing: float = 0.0,
+    hidden: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Gated token/sentence KD: ``g_t·L_token,t + (1−g_t)·L_sentence,t`` per token.
+
+    ``L_token`` is :func:`token_kd`'s per-token loss (α = 1), ``L_sentence`` :func:`sentence_kd`'s; both along
+    the teacher hypotheses in ``labels``.
+
+    Args:
+        logits: ``[B, T, V]`` student scores.
+        batch: keys of :func:`token_kd` and :func:`sentence_kd`; ``hidden`` ``[B, T, d]`` for a token gate.
+        gate: the :class:`HybridGate` (its parameters belong in the optimizer).
+        temperature, tail: of the token loss. weighting, label_smoothing: of the sentence loss.
+        hidden: decoder states; overrides ``batch["hidden"]``.
+        reduction: ``"mean"`` or ``"sum"`` over non-padding tokens.
+    """
+    labels = batch["labels"]
+    g = gate(labels != IGNORE, hidden if hidden is not None else batch.get("hidden"))
+    tok = _token_kd_map(logits, batch, temperature=temperature, tail=tail, alpha=1.0, label_smoothing=0.0)
+    sent = _sentence_map(logits, batch, weighting=weighting, label_smoothing=label_smoothing)
+    return _reduce(g * tok + (1 - g) * sent, labels, reduction)
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "nll": nll,
+    "token": token_kd,
+    "sentence": sentence_kd,
+    "hybrid": hybrid,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_kl": skew_kl,
+    "tvd": tvd,
+}
+# The LossConfig fields each loss reads; compute_loss passes exactly these.
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "nll": ("label_smoothing",),
+    "token": ("temperature", "tail", "alpha", "label_smoothing"),
+    "sentence": ("weighting", "label_smoothing"),
+    "hybrid": ("temperature", "tail", "weighting", "label_smoothing"),
+    "reverse_kl": (),
+    "jsd": ("beta",),
+    "skew_kl": ("lam",),
+    "tvd": (),
+}
+
+
+def get_loss(name: str) -> Callable[..., torch.Tensor]:
+    """The loss function registered as ``name``.
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+class LossConfig(BaseModel):
+    """Which loss to train with and its options (each loss reads only its own; see ``_OPTIONS``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    temperature: float = Field(1.0, gt=0)  # token / hybrid: softmax temperature T
+    tail: Tail = "renormalize"  # token / hybrid: teacher mass outside the top k
+    alpha: float = Field(1.0, ge=0, le=1)  # token: weight of KD vs NLL on labels
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # nll / token NLL term / sentence / hybrid sentence term
+    beta: float = Field(0.5, ge=0, le=1)  # jsd: 0 = forward KL, 1 = reverse KL
+    lam: float = Field(0.1, ge=0, le=1)  # skew_kl: teacher share λ of the mixture
+    weighting: Weighting = "none"  # sentence / hybrid: per-hypothesis weights
+    gate: Literal["scalar", "token"] = "scalar"  # hybrid: gate kind
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        get_loss(name)
+        return name
+
+
+def make_gate(cfg: LossConfig, *, d_model: int) -> HybridGate | None:
+    """The gate the ``hybrid`` loss needs (``None`` for every other loss)."""
+    return HybridGate(cfg.gate, d_model=d_model) if cfg.name == "hybrid" else None
+
+
+def compute_loss(
+    cfg: LossConfig,
+    logits: torch.Tensor,
+    batch: dict,
+    *,
+    gate: HybridGate | None = None,
+    hidden: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Calls the configured loss with its options: the one entry point for the training loop.
+
+    Raises:
+        ValueError: ``hybrid`` without a ``gate``.
+    """
+    kwargs = {field: getattr(cfg, field) for field in _OPTIONS[cfg.name]}
+    if cfg.name == "nll":
+        return nll(logits, batch["labels"], reduction=reduction, **kwargs)
+    if cfg.name == "hybrid":
+        if gate is None:
+            raise ValueError("the hybrid loss needs a HybridGate (see make_gate)")
+        return hybrid(logits, batch, gate, hidden=hidden, reduction=reduction, **kwargs)
+    return get_loss(cfg.name)(logits, batch, reduction=reduction, **kwargs)
 
 
 def marian_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:

@@ -24,17 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from pipeline.run import init_ray
-
-    init_ray()
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tiny_data, tmp_path_factory) -> Path:
     """60 good TSV lines plus 3 bad ones (empty target, malformed, invalid UTF-8)."""
     import pyarrow.parquet as pq

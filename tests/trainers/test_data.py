@@ -1,0 +1,68 @@
+"""The shard reader against the shards the pipeline wrote (read independently with pyarrow)."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from trainers.batching import IGNORE
+from trainers.data import DatasetError, DistilledDataset, collate, worker_slice
+
+pytestmark = pytest.mark.slow
+
+
+def test_rows_match_the_shards(tiny_distilled, tiny_tokenizer):
+    data = DistilledDataset(tiny_distilled["store"], "beam", tokenizer=tiny_tokenizer)
+    table = pads.dataset(f"{tiny_distilled['store']}/beam", format="parquet").to_table()
+    assert len(data.rows) == table.num_rows == 2 * tiny_distilled["beam"]["counts"]["examples"]
+    first_best = DistilledDataset(tiny_distilled["store"], "beam", tokenizer=tiny_tokenizer, max_rank=1)
+    assert len(first_best.rows) == table.num_rows // 2
+    # row 7 through the reader == row 7 read directly
+    row, r = table.slice(7, 1).to_pylist()[0], data.rows
+    lo, hi = r.hyp_off[7], r.hyp_off[8]
+    assert r.hyp[lo:hi].tolist() == row["hyp_ids"]
+    assert r.src[r.src_off[7]:r.src_off[8]].tolist() == row["source_ids"]
+    assert r.topk_ids[lo:hi].tolist() == row["topk_ids"]
+    np.testing.assert_array_equal(r.topk_logprobs[lo:hi], np.array(row["topk_logprobs"], dtype=np.float16))
+
+
+def test_collate_aligns_topk_with_labels(tiny_distilled, tiny_tokenizer):
+    data = DistilledDataset(tiny_distilled["store"], "tf", tokenizer=tiny_tokenizer)
+    idx = np.array([3, 0, 9])
+    batch = collate(data.rows, idx, pad_id=tiny_tokenizer.pad_id, global_tokens=123)
+    B, T = batch["labels"].shape
+    assert batch["topk_ids"].shape == (B, T, 8) and batch["tail_logprob"].shape == (B, T)
+    for b, i in enumerate(idx):
+        n = data.rows.hyp_off[i + 1] - data.rows.hyp_off[i]
+        assert (batch["labels"][b, :n] != IGNORE).all() and (batch["labels"][b, n:] == IGNORE).all()
+        # real positions carry log-probabilities; padding stays zero
+        assert batch["topk_logprobs"][b, :n].le(0).all() and batch["topk_logprobs"][b, :n, 0].lt(0).all()
+        assert (batch["topk_logprobs"][b, n:] == 0).all()
+    assert int(batch["global_tokens"]) == 123
+
+
+def test_plan_is_global_and_worker_slices_partition_it(tiny_distilled, tiny_tokenizer):
+    data = DistilledDataset(tiny_distilled["store"], "tf", tokenizer=tiny_tokenizer)
+    plan = data.plan(max_tokens=800, seed=1, epoch=2)
+    assert [b.tolist() for b in plan] == [b.tolist() for b in data.plan(max_tokens=800, seed=1, epoch=2)]
+    assert sorted(np.concatenate(plan).tolist()) == list(range(len(data.rows)))
+    for batch in plan[:10]:
+        parts = [worker_slice(batch, r, 3) for r in range(3)]
+        assert sorted(np.concatenate(parts).tolist()) == sorted(batch.tolist())
+
+
+def test_vocabulary_mismatch_and_schema_version_are_refused(tiny_distilled, tiny_tokenizer, tmp_path):
+    from pipeline.tokenizer import train_tokenizer
+
+    other = train_tokenizer(["ganz andere Wörter", "other words"] * 30, tmp_path / "tok", vocab_size=40)
+    with pytest.raises(DatasetError, match="does not match the teacher vocabulary"):
+        DistilledDataset(tiny_distilled["store"], "tf", tokenizer=other)
+    shutil.copytree(f"{tiny_distilled['store']}/tf", tmp_path / "store" / "old")
+    manifest = json.loads((tmp_path / "store" / "old" / "_manifest.json").read_text())
+    (tmp_path / "store" / "old" / "_manifest.json").write_text(json.dumps(manifest | {"schema_version": 99}))
+    with pytest.raises(DatasetError, match="schema version 99"):
+        DistilledDataset(str(tmp_path / "store"), "old", tokenizer=tiny_tokenizer)
+    with pytest.raises(DatasetError, match="no complete dataset"):
+        DistilledDataset(str(tmp_path / "store"), "missing", tokenizer=tiny_tokenizer)

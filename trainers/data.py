@@ -1,0 +1,155 @@
+"""The shard reader: the only training-side code that knows what shard columns mean.
+
+A distilled dataset (``pipeline.run``) is opened through its manifest, which is checked first: the schema
+version must be one this code reads, and the student's tokenizer must have the teacher's vocabulary (same
+hash) — otherwise token-level KD would silently train on garbage ids.
+
+Rows are held as flat numpy arrays plus offsets (no Python object per token). Batches are planned
+**globally** — the same list of batches, in the same order, on every worker, as a pure function of
+(seed, epoch) — and each of ``world_size`` workers takes its own slice of every batch. No example is seen by
+two workers in a step, every worker knows the global token count of the step without communicating, and a
+run on N workers follows the same batches as a run on one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import torch
+
+from pipeline import schema
+from pipeline.storage import Store
+from pipeline.tokenizer import Tokenizer
+from trainers.batching import token_batches
+
+
+class DatasetError(ValueError):
+    """A distilled dataset is missing, incomplete, of another schema version, or of another vocabulary."""
+
+
+def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A ``list<T>`` or ``list<fixed_size_list<T, k>>`` column → (flat T values, row offsets [rows + 1]).
+
+    For fixed-size lists the offsets count positions, not scalars (reshape the values to ``[-1, k]``).
+    """
+    arr = column.combine_chunks()
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.flatten()  # respects slicing, unlike .values
+    if pa.types.is_fixed_size_list(values.type):
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
+@dataclass
+class Rows:
+    """Training rows in flat form. Per row *i*: ``src[src_off[i]:src_off[i+1]]`` etc."""
+
+    src: np.ndarray
+    src_off: np.ndarray
+    hyp: np.ndarray  # target ids the student is trained on (reference or teacher hypothesis)
+    hyp_off: np.ndarray
+    topk_ids: np.ndarray  # [positions, k]
+    topk_logprobs: np.ndarray  # [positions, k] float16
+    tail: np.ndarray  # [positions]
+    score: np.ndarray  # [rows]
+    rank: np.ndarray  # [rows]
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Per-row cost for batching: the longer of source and target."""
+        return np.maximum(np.diff(self.src_off), np.diff(self.hyp_off))
+
+    @property
+    def target_tokens(self) -> np.ndarray:
+        return np.diff(self.hyp_off)
+
+
+class DistilledDataset:
+    """A distilled dataset in a store, checked against its manifest and the student's tokenizer."""
+
+    def __init__(self, store_uri: str, name: str, *, tokenizer: Tokenizer, endpoint: str | None = None,
+                 max_rank: int | None = None):
+        """
+        Args:
+            store_uri: local directory or ``s3://bucket/prefix`` holding datasets.
+            name: dataset name (a directory of the store).
+            tokenizer: the student's tokenizer; its vocabulary hash must equal the teacher's.
+            max_rank: keep hypotheses with ``hyp_rank < max_rank`` (e.g. 1 = 1-best only).
+        """
+        self.store = Store.from_uri(store_uri, endpoint_override=endpoint)
+        self.name = name
+        if not self.store.exists(f"{name}/_manifest.json"):
+            raise DatasetError(f"no complete dataset {name!r} in {store_uri} (no _manifest.json: did the job finish?)")
+        self.manifest = self.store.read_json(f"{name}/_manifest.json")
+        if self.manifest.get("schema_version") != schema.SCHEMA_VERSION:
+            raise DatasetError(f"dataset {name!r} has shard schema version {self.manifest.get('schema_version')}; "
+                               f"this trainer reads version {schema.SCHEMA_VERSION}")
+        theirs = self.manifest["tokenizer"]["vocab_hash"]
+        if theirs != tokenizer.vocab_hash:
+            raise DatasetError(f"student tokenizer {tokenizer.path} ({tokenizer.vocab_hash[:19]}…) does not match the "
+                               f"teacher vocabulary of {name!r} ({theirs[:19]}…): token-level KD needs the same one")
+        self.top_k = int(self.manifest["top_k"])
+        self.max_rank = max_rank
+        self.rows = self._load()
+
+    def _load(self) -> Rows:
+        files = [self.store.join(self.name, s["name"]) for s in self.manifest["shards"]]
+        columns = ["source_ids", "hyp_ids", "topk_ids", "topk_logprobs", "tail_logprob", "score", "hyp_rank"]
+        table = pads.dataset(files, filesystem=self.store.filesystem, format="parquet").to_table(columns=columns)
+        if self.max_rank is not None:
+            table = table.filter(pa.compute.less(table["hyp_rank"], self.max_rank))
+        src, src_off = _flat(table["source_ids"])
+        hyp, hyp_off = _flat(table["hyp_ids"])
+        ids_inner, _ = _flat(table["topk_ids"])
+        lp_inner, _ = _flat(table["topk_logprobs"])
+        tail, _ = _flat(table["tail_logprob"])
+        k = self.top_k
+        return Rows(src=src.astype(np.int64), src_off=src_off, hyp=hyp.astype(np.int64), hyp_off=hyp_off,
+                    topk_ids=np.asarray(ids_inner).reshape(-1, k), topk_logprobs=np.asarray(lp_inner).reshape(-1, k),
+                    tail=np.asarray(tail), score=table["score"].to_numpy(), rank=table["hyp_rank"].to_numpy())
+
+    def plan(self, *, max_tokens: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
+        """The global batch plan of an epoch: row indices per batch, identical on every worker."""
+        return token_batches(self.rows.lengths, max_tokens=max_tokens, seed=seed, epoch=epoch, shuffle=shuffle)
+
+
+def collate(rows: Rows, idx: np.ndarray, *, pad_id: int, global_tokens: int) -> dict[str, torch.Tensor]:
+    """Padded tensors for the rows ``idx``.
+
+    Returns:
+        ``input_ids``/``attention_mask`` ``[B, S]``; ``decoder_input_ids``/``decoder_attention_mask``/``labels``
+        ``[B, T]`` (labels ``IGNORE`` on padding); ``topk_ids`` ``[B, T, k]`` int64, ``topk_logprobs``
+        ``[B, T, k]`` float32, ``tail_logprob`` ``[B, T]``; ``score``/``hyp_rank`` ``[B]``; ``global_tokens``
+        (the step's target tokens over all workers, for loss normalisation).
+    """
+    from trainers.batching import seq2seq_batch
+
+    srcs = [rows.src[rows.src_off[i]:rows.src_off[i + 1]] for i in idx]
+    hyps = [rows.hyp[rows.hyp_off[i]:rows.hyp_off[i + 1]] for i in idx]
+    batch = seq2seq_batch(srcs, hyps, pad_id=pad_id)
+    B, T = batch["labels"].shape
+    k = rows.topk_ids.shape[1]
+    topk_ids = torch.zeros((B, T, k), dtype=torch.long)
+    topk_lp = torch.zeros((B, T, k), dtype=torch.float32)
+    tail = torch.zeros((B, T), dtype=torch.float32)
+    for b, i in enumerate(idx):
+        lo, hi = rows.hyp_off[i], rows.hyp_off[i + 1]
+        topk_ids[b, : hi - lo] = torch.from_numpy(rows.topk_ids[lo:hi].astype(np.int64))
+        topk_lp[b, : hi - lo] = torch.from_numpy(rows.topk_logprobs[lo:hi].astype(np.float32))
+        tail[b, : hi - lo] = torch.from_numpy(rows.tail[lo:hi].astype(np.float32))
+    batch.update(topk_ids=topk_ids, topk_logprobs=topk_lp, tail_logprob=tail,
+                 score=torch.from_numpy(rows.score[idx].astype(np.float32)),
+                 hyp_rank=torch.from_numpy(rows.rank[idx].astype(np.int64)),
+                 global_tokens=torch.tensor(global_tokens))
+    return batch
+
+
+def worker_slice(batch_idx: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This worker's part of a global batch (strided, so lengths stay balanced across workers)."""
+    return batch_idx[rank::world_size]

@@ -1,0 +1,166 @@
+"""Student training from a distilled dataset on Ray Train (``TorchTrainer``; gloo on CPU, NCCL on GPUs).
+
+One training function serves 1 or N workers: ``ScalingConfig(num_workers=N)`` decides. Every worker follows
+the same global batch plan and trains on its slice (``trainers.data``); losses are summed over local tokens
+and divided by the step's global token count times the world size, so after DDP's gradient averaging each
+step's gradient is the gradient of the global per-token mean — the same as on one worker.
+
+After training, the best checkpoint (lowest NLL on the references of the valid split) is converted to
+CTranslate2 and scored on the test split (BLEU / chrF with sacrebleu signatures).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainers.loop import OptimConfig
+from trainers.losses import LossConfig
+from trainers.models import ModelSize
+
+
+class DatasetRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field(description="local directory or s3://bucket/prefix")
+    name: str = Field(description="dataset name written by `distillery distill`")
+    s3_endpoint: str | None = None
+
+
+class StudentConfig(BaseModel):
+    """Everything ``distillery train`` needs; loadable from YAML/JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetRef
+    valid: Path = Field(description="Parquet with source/target: validation NLL on the references")
+    test: Path | None = Field(None, description="Parquet with source/target: BLEU/chrF after training")
+    tokenizer: Path = Field(description="the teacher's tokenizer (vocabulary hash checked)")
+    out: Path = Field(description="run directory: checkpoint/, best/, ct2/, metrics.jsonl, results.json")
+    size: str | ModelSize = "mini"
+    loss: LossConfig = LossConfig(name="token")
+    max_rank: int | None = Field(None, ge=1, description="use hypotheses with hyp_rank < max_rank")
+    workers: int = Field(1, ge=1, description="Ray Train workers")
+    threads_per_worker: int = Field(1, ge=1)
+    use_gpu: bool = False
+    optim: OptimConfig = OptimConfig()
+
+
+def _worker_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.tokenizer import Tokenizer
+    from trainers.data import DistilledDataset, collate, worker_slice
+    from trainers.loop import Dist, fit, unwrap
+    from trainers.losses import compute_loss, make_gate, nll
+    from trainers.models import build_marian
+    from trainers.teacher import load_pairs, make_batches
+
+    cfg = StudentConfig.model_validate(config)
+    ctx = ray.train.get_context()
+    dist = Dist(rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
+    torch.set_num_threads(cfg.threads_per_worker)
+    tok = Tokenizer.load(cfg.tokenizer)
+    data = DistilledDataset(cfg.dataset.store, cfg.dataset.name, tokenizer=tok, endpoint=cfg.dataset.s3_endpoint,
+                            max_rank=cfg.max_rank)
+    torch.manual_seed(cfg.optim.seed)
+    model = build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id)
+    gate = make_gate(cfg.loss, d_model=model.config.d_model)
+    if gate is not None:
+        model.kd_gate = gate  # a submodule: optimised, checkpointed and DDP-synchronised with the student
+    if dist.world_size > 1:
+        model = ray.train.torch.prepare_model(model)
+    rows, pad_id, opt = data.rows, tok.pad_id, cfg.optim
+    needs_hidden = cfg.loss.name == "hybrid" and cfg.loss.gate == "token"
+
+    def train_batches(epoch: int) -> list[dict]:
+        batches = []
+        for global_idx in data.plan(max_tokens=opt.max_tokens, seed=opt.seed, epoch=epoch):
+            local, weight = worker_slice(global_idx, dist.rank, dist.world_size), 1.0
+            if len(local) == 0:  # fewer rows than workers: join the step with a zero-weight row
+                local, weight = global_idx[:1], 0.0
+            batch = collate(rows, local, pad_id=pad_id, global_tokens=int(rows.target_tokens[global_idx].sum()))
+            batch["weight"] = weight
+            batches.append(batch)
+        return batches
+
+    def loss_fn(model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    decoder_input_ids=batch["decoder_input_ids"],
+                    decoder_attention_mask=batch["decoder_attention_mask"], output_hidden_states=needs_hidden)
+        hidden = out.decoder_hidden_states[-1] if needs_hidden else None
+        total = compute_loss(cfg.loss, out.logits[..., :-1], batch, gate=getattr(unwrap(model), "kd_gate", None),
+                             hidden=hidden, reduction="sum")
+        n_local = int((batch["labels"] != -100).sum()) if batch["weight"] else 0
+        return total * batch["weight"] * dist.world_size / batch["global_tokens"], n_local
+
+    def valid_loss_fn(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"]).logits[..., :-1]
+        return nll(logits, batch["labels"]), int((batch["labels"] != -100).sum())
+
+    def log_gate(record: dict) -> None:
+        gate = getattr(unwrap(model), "kd_gate", None)
+        if gate is not None:
+            record["gate"] = gate.last_value()
+
+    vsrc, vtgt = load_pairs(cfg.valid, tok, 256)
+    valid = make_batches(vsrc, vtgt, pad_id=pad_id, max_tokens=opt.max_tokens, seed=0, epoch=0, shuffle=False)
+    fit(model, train_batches=train_batches, valid_batches=valid[dist.rank::dist.world_size], loss_fn=loss_fn,
+        valid_loss_fn=valid_loss_fn, cfg=opt, run_dir=cfg.out, tokenizer_dir=cfg.tokenizer, progress_bar=False,
+        dist=dist, on_validate=log_gate)
+
+
+def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
+    """Trains (or resumes) a student on Ray Train, exports the best checkpoint to CTranslate2 and scores it.
+
+    Returns:
+        The run summary also written to ``cfg.out / "results.json"``.
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.run import init_ray
+    from pipeline.tokenizer import Tokenizer
+    from trainers.data import DistilledDataset
+    from trainers.export import export_ct2
+    from trainers.models import build_marian, count_parameters
+
+    tok = Tokenizer.load(cfg.tokenizer)
+    DistilledDataset(cfg.dataset.store, cfg.dataset.name, tokenizer=tok, endpoint=cfg.dataset.s3_endpoint,
+                     max_rank=1)  # fail fast, in the driver, on a missing dataset or a vocabulary mismatch
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    init_ray(address)
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.threads_per_worker}),
+        run_config=RunConfig(name="train", storage_path=str((cfg.out / "ray").resolve())),
+    )
+    trainer.fit()
+    events = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()]
+    finished = [e for e in events if e["event"] == "finished"][-1]
+    params = count_parameters(build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id))
+    results = {"loss": cfg.loss.name, "parameters": params, "steps": finished["step"],
+               "best_valid_nll": finished["best_valid"], "train_minutes": round(finished["elapsed_s"] / 60, 2),
+               "stopped": finished["reason"],
+               "gate": next((e["gate"] for e in reversed(events) if "gate" in e), None)}
+    ct2 = export_ct2(cfg.out / "best", cfg.out / "ct2", quantization="int8")
+    if cfg.test is not None:
+        import pyarrow.parquet as pq
+
+        from pipeline.evaluate import score, translate
+
+        test = pq.read_table(cfg.test, columns=["source", "target"])
+        hyps = translate(ct2, tok, test["source"].to_pylist(), beam_size=4)
+        (cfg.out / "test.hyp.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        results |= score(hyps, test["target"].to_pylist()).as_dict()
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
