@@ -163,7 +163,8 @@ def token_kd(
 
     ``p_T = softmax(log p_topk / T)`` over the support; ``q_T`` from ``softmax(logits / T)``.
     ``tail="renormalize"``: the teacher renormalised over its k ids, the student's full-vocab probabilities
-    there. ``tail="bucket"``: a (k+1)-way distribution whose last entry is the mass outside the top k (teacher: ``exp(tail_logprob)``; student: ``1 − Σ_topk q``).
+    there. ``tail="bucket"``: a (k+1)-way distribution whose last entry is the mass outside the top k
+    (teacher: ``exp(tail_logprob)``; student: ``1 − Σ_topk q``).
 
     Args:
         logits: ``[B, T, V]`` student scores.
