@@ -26,7 +26,7 @@ class ModelSize(BaseModel):
 # ~parameters with an 8k vocabulary in brackets.
 PRESETS: dict[str, ModelSize] = {
     "tiny": ModelSize(d_model=64, encoder_layers=2, decoder_layers=2, heads=2, ffn_dim=256),  # ~0.8M
-    "mini": ModelSize(d_model=128, encoder_layers=3, decoder_layers=3, heads=4, ffn_dim=512),  # ~2.6M
+    "mini": ModelSize(d_model=128, encoder_layers=3, decoder_layers=3, heads=4, ffn_dim=512),  # ~2.4M
     "small": ModelSize(d_model=256, encoder_layers=4, decoder_layers=4, heads=4, ffn_dim=1024),  # ~9M
     "medium": ModelSize(d_model=384, encoder_layers=6, decoder_layers=6, heads=6, ffn_dim=1536),  # ~29M
     "base": ModelSize(d_model=512, encoder_layers=6, decoder_layers=6, heads=8, ffn_dim=2048),  # ~48M

@@ -15,7 +15,8 @@ def test_teacher_learns_and_keeps_best(tiny_teacher):
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_losses = [e["loss"] for e in events if e["event"] == "train"]
     valid = [e["valid_loss"] for e in events if e["event"] == "valid"]
-    assert train_losses[-1] < 0.8 * train_losses[0]
+    # from ~ln(600) = 6.4 at init (uniform) down by well over half a nat in 60 steps
+    assert train_losses[0] > 6.0 and train_losses[-1] < train_losses[0] - 0.5
     assert valid[-1] < valid[0]
     finished = [e for e in events if e["event"] == "finished"]
     assert finished[-1]["reason"] == "max_steps" and finished[-1]["step"] == 60
