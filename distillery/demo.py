@@ -117,5 +117,6 @@ def demo_distill_spec(workdir: Path, train: Path, teacher: Path):
         "decoding": {"mode": "teacher_forcing"},
         "targets": {"top_k": 8},
         "output": {"store": str(workdir / "datasets"), "dataset": name, "shard_size": 2000},
-        "resources": {"workers": 1, "threads_per_worker": 2},
+        # On 2 cores two single-threaded translators outrun one with two threads (bench/pipeline_throughput.py).
+        "resources": {"workers": 2, "threads_per_worker": 1},
     })

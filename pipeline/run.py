@@ -94,9 +94,12 @@ def _fingerprint(spec: JobSpec, teacher: str, vocab: str, corpus: pa.Table) -> s
     payload = spec.model_dump(mode="json", exclude={"resources", "output"})
     payload["output"] = {"shard_size": spec.output.shard_size}
     payload["teacher"].pop("model"), payload["teacher"].pop("tokenizer")
-    payload["corpus"] = hashlib.sha256(
-        b"".join(str(x).encode() + b"\0" for col in ("id", "source", "target") for x in corpus.column(col).to_pylist())
-    ).hexdigest()
+    digest = hashlib.sha256()  # incremental: never one copy of the whole corpus in memory
+    for col in ("id", "source", "target"):
+        for chunk in corpus.column(col).chunks:
+            for value in chunk.to_pylist():
+                digest.update(value.encode() + b"\0")
+    payload["corpus"] = digest.hexdigest()
     payload |= {"teacher_hash": teacher, "vocab_hash": vocab}
     return sha256_bytes(json.dumps(payload, sort_keys=True).encode())
 
@@ -192,9 +195,8 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:
         # "local" always starts a fresh instance: a bare ray.init() would try to join whatever cluster
-        # /tmp/ray/ray_current_cluster names, even a dead one. Loopback only: nothing listens outside.
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        # /tmp/ray/ray_current_cluster names, even a dead one, and hang.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def run_job(
