@@ -44,8 +44,6 @@ def translate(
     check_vocabulary(tokenizer, model_dir)
     translator = load_translator(model_dir, compute_type=compute_type, intra_threads=threads)
     tokens = [tokenizer.ids_to_tokens(ids) for ids in tokenizer.encode_source(sources)]
-    vocab = tokenizer.token_to_id
-    unk = vocab.get("<unk>", 0)
     ids: list[list[int]] = [[] for _ in tokens]
     lengths = [len(t) for t in tokens]
     for chunk in budget_chunks(sorted(range(len(tokens)), key=lengths.__getitem__), lengths, max_batch_tokens):
@@ -53,7 +51,7 @@ def translate(
         results = translator.translate_batch([tokens[i] for i in chunk], beam_size=beam_size,
                                              max_decoding_length=limit)
         for i, res in zip(chunk, results, strict=True):
-            ids[i] = [vocab.get(t, unk) for t in res.hypotheses[0]]
+            ids[i] = tokenizer.tokens_to_ids(res.hypotheses[0])
     return tokenizer.decode(ids)
 
 

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.corpus import read_corpus
@@ -146,8 +147,6 @@ class ShardWriter:
         table = self.worker.distill(examples, vocab=self.vocab, seed=shard_seed(self.spec.decoding.seed, shard))
         schema.check(table, top_k=self.spec.targets.top_k)
         sink = pa.BufferOutputStream()
-        import pyarrow.parquet as pq
-
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
         directory = self.spec.output.dataset

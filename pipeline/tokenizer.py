@@ -114,6 +114,12 @@ class Tokenizer:
     def ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(list(ids))
 
+    def tokens_to_ids(self, tokens: Sequence[str]) -> list[int]:
+        """CTranslate2 output tokens → ids; a token outside the vocabulary maps to ``<unk>``."""
+        vocab = self.token_to_id
+        unk = vocab.get(UNK, 0)
+        return [vocab.get(t, unk) for t in tokens]
+
     @cached_property
     def tokens(self) -> list[str]:
         """The vocabulary as CTranslate2 sees it: ordered by id, the trailing ``<pad>`` removed."""

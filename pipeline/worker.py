@@ -141,7 +141,7 @@ class TeacherWorker:
             results = self.translator.translate_batch(source_tokens, beam_size=1, return_logits_vocab=True, **common)
             for i, res in zip(sub, results, strict=True):
                 logits = _steps_to_tensor(res.logits[0])
-                ids = self._ids(res.hypotheses[0])
+                ids = self.tokenizer.tokens_to_ids(res.hypotheses[0])
                 ids = ids + [self.eos] if len(logits) == len(ids) + 1 else ids  # no </s> when truncated
                 self._reduce(i, 0, ids, logits[: len(ids)], rows)
             return
@@ -156,7 +156,7 @@ class TeacherWorker:
         owners, ranks, hyps, srcs = [], [], [], []
         for i, toks, res in zip(sub, source_tokens, results, strict=True):
             for rank, hyp in enumerate(res.hypotheses):
-                ids = self._ids(hyp)
+                ids = self.tokenizer.tokens_to_ids(hyp)
                 owners.append(i), ranks.append(rank), srcs.append(toks)
                 hyps.append(ids + [self.eos] if len(ids) < dec.max_length else ids)
         self._forced(owners, srcs, hyps, ranks, rows)
@@ -187,11 +187,6 @@ class TeacherWorker:
         rows.topk_ids.append(indices.numpy().astype(np.int32))
         rows.topk_lp.append(values.numpy())
         rows.tail.append(schema.tail_logprob(values.numpy()))
-
-    def _ids(self, tokens: list[str]) -> list[int]:
-        vocab = self.tokenizer.token_to_id
-        unk = vocab.get("<unk>", 0)
-        return [vocab.get(t, unk) for t in tokens]
 
 
 def shard_seed(seed: int, shard: int) -> int:
