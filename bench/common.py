@@ -26,16 +26,11 @@ def setup(work: Path = WORK) -> dict[str, Path]:
     quiet_libraries()
     import torch
 
-    from pipeline.bundled import BUNDLED_CORPUS
-    from pipeline.tokenizer import Tokenizer, train_tokenizer
+    from pipeline.tokenizer import Tokenizer
     from trainers.export import export_ct2
     from trainers.models import build_marian
 
-    work.mkdir(parents=True, exist_ok=True)
-    paths = {"tokenizer": work / "tokenizer", "hf": work / "teacher-hf", "ct2": work / "teacher-ct2"}
-    if not (paths["tokenizer"] / "tokenizer.json").is_file():
-        table = pq.read_table(BUNDLED_CORPUS)
-        train_tokenizer(table["de"].to_pylist() + table["en"].to_pylist(), paths["tokenizer"], vocab_size=VOCAB)
+    paths = {"tokenizer": bench_tokenizer(work), "hf": work / "teacher-hf", "ct2": work / "teacher-ct2"}
     tok = Tokenizer.load(paths["tokenizer"])
     if not (paths["ct2"] / "model.bin").is_file():
         torch.manual_seed(0)
@@ -44,6 +39,19 @@ def setup(work: Path = WORK) -> dict[str, Path]:
         tok.hf.save_pretrained(paths["hf"])
         export_ct2(paths["hf"], paths["ct2"], quantization="int8")
     return paths
+
+
+def bench_tokenizer(work: Path = WORK) -> Path:
+    """The benchmarks' shared Unigram tokenizer (8k) over the bundled corpus."""
+    from pipeline.bundled import BUNDLED_CORPUS
+    from pipeline.tokenizer import train_tokenizer
+
+    path = work / "tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        table = pq.read_table(BUNDLED_CORPUS)
+        train_tokenizer(table["de"].to_pylist() + table["en"].to_pylist(), path, vocab_size=VOCAB)
+    return path
 
 
 def corpus_file(n: int, work: Path = WORK) -> Path:

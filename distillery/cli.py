@@ -291,12 +291,15 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="where every artifact goes; re-runs reuse it")] = Path("work/demo"),
     teacher_minutes: Annotated[float, typer.Option(help="teacher training budget")] = 10.0,
     teacher_size: Annotated[str, typer.Option(help="teacher preset")] = "mini",
+    student_minutes: Annotated[float, typer.Option(help="training budget of each of the four students")] = 3.0,
+    student_size: Annotated[str, typer.Option(help="student preset")] = "tiny",
 ) -> None:
     """The main job end to end on the bundled corpus, on the embedded default (local files)."""
     from distillery.demo import run_demo
 
     quiet_libraries()
-    run_demo(workdir, teacher_minutes=teacher_minutes, teacher_size=teacher_size, console=console)
+    run_demo(workdir, teacher_minutes=teacher_minutes, teacher_size=teacher_size,
+             student_minutes=student_minutes, student_size=student_size, console=console)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: in
         show_progress=False,
     )
     raw.train_from_iterator(texts, trainer)
+    raw.model = _canonical_unigram(json.loads(raw.model.__getstate__())["vocab"])
     raw.add_special_tokens([PAD])  # last id: Marian's decoder-start / padding token
     raw.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS}", special_tokens=[(EOS, raw.token_to_id(EOS))]
@@ -63,6 +64,21 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: in
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
     return Tokenizer.load(out_dir)
+
+
+def _canonical_unigram(vocab: list[list]):
+    """The trained Unigram model with its pieces in a canonical order.
+
+    The trainer is not deterministic: the same text gives the same pieces, but in a hash-map order, and the
+    scores of rare pieces differ in the third or fourth decimal from run to run — so ids change, and a
+    teacher trained on them follows another path. Ordering the pieces by their text makes the ids a function
+    of the training text alone. The special tokens keep their leading ids.
+    """
+    from tokenizers import models
+
+    specials = [(p, 0.0) for p, _ in vocab if p in (EOS, UNK)]
+    pieces = sorted((p, score) for p, score in vocab if p not in (EOS, UNK))
+    return models.Unigram(specials + pieces, unk_id=[p for p, _ in specials].index(UNK), byte_fallback=False)
 
 
 class Tokenizer:

@@ -73,6 +73,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: Progre
                 "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state(),
                 "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         },
         tmp / STATE_FILE,
@@ -89,12 +90,14 @@ def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> Progress | No
 
     model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
     model.tie_weights()
-    state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    state = torch.load(ckpt / STATE_FILE, weights_only=False, map_location="cpu")  # the optimizer moves its state
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
+    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return Progress(**state["progress"])
 
 

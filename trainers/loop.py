@@ -9,12 +9,14 @@ decision, and only rank 0 writes checkpoints and metrics.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +31,7 @@ from trainers.checkpoint import (
 )
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,29 @@ class OptimConfig(BaseModel):
     patience: int = Field(5, gt=0, description="evaluations without improvement before stopping")
     checkpoint_every: int = Field(500, gt=0, description="steps between resumable checkpoints")
     log_every: int = Field(50, gt=0, description="steps between training-loss records in metrics.jsonl")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it, fp32 elsewhere; bf16 forces it (CPU too)")
     seed: int = 0
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32).
+
+    bf16 keeps fp32's exponent range, so unlike fp16 it needs no loss scaling. "auto" turns it on only on
+    CUDA devices with bf16 support: on most CPUs bf16 matmuls are emulated and slower than fp32.
+    """
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """``batch`` with its tensors on ``device`` (other values as they are)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def make_schedule(optimizer, cfg: OptimConfig, total_steps: int):
@@ -96,17 +121,29 @@ def make_schedule(optimizer, cfg: OptimConfig, total_steps: int):
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: Iterable[dict], loss_fn: LossFn, dist: Dist = Dist()) -> float:
+def evaluate_loss(model, batches: Iterable[dict], loss_fn: LossFn, dist: Dist = Dist(),
+                  device: torch.device = CPU, amp: torch.dtype | None = None) -> float:
     """Token-weighted mean of the per-batch mean ``loss_fn`` over ``batches`` on all workers (dropout off)."""
     model.eval()
     total, tokens = 0.0, 0
     for batch in batches:
-        loss, n = loss_fn(unwrap(model), batch)  # no DDP hooks: workers may hold different batch counts
+        with _autocast(device, amp):  # no DDP hooks below: workers may hold different batch counts
+            loss, n = loss_fn(unwrap(model), to_device(batch, device))
         total += loss.item() * n
         tokens += n
     model.train()
     total, tokens = dist.all_sum(total, tokens)
     return total / max(tokens, 1)
+
+
+def _budget_left(state: Progress, cfg: OptimConfig) -> bool:
+    """Whether ``cfg``'s limits allow more training than ``state`` has done."""
+    return (state.epoch < cfg.max_epochs and (cfg.max_steps is None or state.step < cfg.max_steps)
+            and (cfg.max_minutes is None or state.elapsed_s < cfg.max_minutes * 60))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def fit(
@@ -122,6 +159,7 @@ def fit(
     valid_loss_fn: LossFn | None = None,
     dist: Dist = Dist(),
     on_validate: Callable[[dict], None] | None = None,
+    device: torch.device = CPU,
 ) -> Progress:
     """Trains ``model`` until max epochs/steps/minutes or early stopping; resumes from ``run_dir``.
 
@@ -134,12 +172,16 @@ def fit(
         valid_loss_fn: validation loss (default ``loss_fn``); students validate with NLL on references.
         dist: rank and world size when several workers train together.
         on_validate: called with each validation record (e.g. to log gate values or report to Ray).
+        device: where the model already is (or is moved to) and where batches are moved; with
+            ``cfg.precision`` it decides autocast (``autocast_dtype``).
 
     Returns:
         Final progress; ``progress.finished`` says why training stopped.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    model.to(device)
+    amp = autocast_dtype(cfg.precision, device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -151,6 +193,8 @@ def fit(
     total = cfg.max_steps or steps_per_epoch * cfg.max_epochs
     scheduler = make_schedule(optimizer, cfg, total)
     state = load_checkpoint(run_dir, unwrap(model), optimizer, scheduler) or Progress()
+    if state.finished and state.finished != "early_stopping" and _budget_left(state, cfg):
+        state.finished = ""  # a run that hit its budget continues when re-run with a larger one
     if state.finished:
         return state
 
@@ -163,7 +207,7 @@ def fit(
 
     def validate() -> bool:
         """Validates, keeps the best model; returns True when early stopping triggers."""
-        valid = evaluate_loss(model, valid_batches, valid_loss_fn or loss_fn, dist)
+        valid = evaluate_loss(model, valid_batches, valid_loss_fn or loss_fn, dist, device, amp)
         improved = valid < state.best_valid
         if improved:
             state.best_valid, state.best_step, state.bad_evals = valid, state.step, 0
@@ -187,7 +231,8 @@ def fit(
             cached = (state.epoch, train_batches(state.epoch))
         batches = cached[1]
         for batch in batches[state.batch_in_epoch :]:
-            loss, n_tokens = loss_fn(model, batch)
+            with _autocast(device, amp):
+                loss, n_tokens = loss_fn(model, to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
@@ -203,7 +248,8 @@ def fit(
                 bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
                 append_metrics(run_dir, {"event": "train", "step": state.step, "loss": loss.item(),
                                          "lr": scheduler.get_last_lr()[0],
-                                         "grad_norm": float(grad_norm), "tokens_per_s": rate})
+                                         "grad_norm": float(grad_norm), "tokens_per_s": rate,
+                                         "tokens": state.target_tokens, "elapsed_s": round(state.elapsed_s, 3)})
             if state.step % cfg.eval_every == 0 and validate():
                 state.finished = "early_stopping"
             elif cfg.max_steps and state.step >= cfg.max_steps:

@@ -6,6 +6,7 @@ teacher's and the student's vocabularies to be identical), with tied embeddings.
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -78,7 +79,17 @@ def build_marian(size: str | ModelSize, *, vocab_size: int, pad_id: int, eos_id:
         share_encoder_decoder_embeddings=True,
         tie_word_embeddings=True,
     )
-    return MarianMTModel(config)
+    model = MarianMTModel(config)
+    # Embeddings ~ N(0, d^-1/2) as in Vaswani et al. / fairseq, not HF's N(0, 0.02). The model reads
+    # sqrt(d)·E, so token identity enters at unit scale, level with the sinusoidal positions. At 0.02 the
+    # post-LN encoder of a small model collapses within a few hundred steps to one vector for every position
+    # of every sentence (measured: the decoder then ignores the source for good, a pure target-side LM).
+    shared = model.get_input_embeddings()
+    if shared.weight.device.type != "meta":
+        with torch.no_grad():
+            shared.weight.normal_(0.0, shape.d_model ** -0.5)
+            shared.weight[pad_id].zero_()
+    return model
 
 
 def count_parameters(model) -> int:

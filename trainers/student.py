@@ -46,14 +46,19 @@ class StudentConfig(BaseModel):
     workers: int = Field(1, ge=1, description="Ray Train workers")
     threads_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
+    bleu_every: int | None = Field(None, gt=0, description="greedy BLEU on the valid split at the first "
+                                   "validation after every N steps (None: only test BLEU at the end)")
+    bleu_sentences: int = Field(300, gt=0, description="valid sentences decoded for that BLEU")
     optim: OptimConfig = OptimConfig()
 
 
 def _worker_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    import pyarrow.parquet as pq
     import ray.train
     import ray.train.torch
 
+    from pipeline.evaluate import score
     from pipeline.tokenizer import Tokenizer
     from trainers.data import DistilledDataset, collate, worker_slice
     from trainers.loop import Dist, fit, unwrap
@@ -73,8 +78,9 @@ def _worker_loop(config: dict) -> None:
     gate = make_gate(cfg.loss, d_model=model.config.d_model)
     if gate is not None:
         model.kd_gate = gate  # a submodule: optimised, checkpointed and DDP-synchronised with the student
+    device = ray.train.torch.get_device()
     if dist.world_size > 1:
-        model = ray.train.torch.prepare_model(model)
+        model = ray.train.torch.prepare_model(model)  # moves it to `device` and wraps it in DDP
     rows, pad_id, opt = data.rows, tok.pad_id, cfg.optim
     needs_hidden = cfg.loss.name == "hybrid" and cfg.loss.gate == "token"
 
@@ -104,16 +110,53 @@ def _worker_loop(config: dict) -> None:
                        decoder_input_ids=batch["decoder_input_ids"]).logits[..., :-1]
         return nll(logits, batch["labels"]), int((batch["labels"] != -100).sum())
 
-    def log_gate(record: dict) -> None:
+    vsrc, vtgt = load_pairs(cfg.valid, tok, 256)
+    valid = make_batches(vsrc, vtgt, pad_id=pad_id, max_tokens=opt.max_tokens, seed=0, epoch=0, shuffle=False)
+    bleu_pairs = pq.read_table(cfg.valid, columns=["source", "target"]).slice(0, cfg.bleu_sentences).to_pylist()
+    last_bleu = {"bucket": 0}
+
+    def on_validate(record: dict) -> None:
         gate = getattr(unwrap(model), "kd_gate", None)
         if gate is not None:
             record["gate"] = gate.last_value()
+        bucket = record["step"] // cfg.bleu_every if cfg.bleu_every else 0
+        if bucket > last_bleu["bucket"] and dist.is_main:  # decoding is local: other workers need not wait
+            last_bleu["bucket"] = bucket
+            hyps = greedy_translate(unwrap(model), tok, [p["source"] for p in bleu_pairs], device=device)
+            record["valid_bleu"] = round(score(hyps, [p["target"] for p in bleu_pairs]).bleu, 2)
 
-    vsrc, vtgt = load_pairs(cfg.valid, tok, 256)
-    valid = make_batches(vsrc, vtgt, pad_id=pad_id, max_tokens=opt.max_tokens, seed=0, epoch=0, shuffle=False)
     fit(model, train_batches=train_batches, valid_batches=valid[dist.rank::dist.world_size], loss_fn=loss_fn,
         valid_loss_fn=valid_loss_fn, cfg=opt, run_dir=cfg.out, tokenizer_dir=cfg.tokenizer, progress_bar=False,
-        dist=dist, on_validate=log_gate)
+        dist=dist, on_validate=on_validate, device=device)
+
+
+@torch.no_grad()
+def greedy_translate(model, tok, sources: list[str], *, device: torch.device, batch_size: int = 64,
+                     max_len: int = 256, length_ratio: float = 2.0) -> list[str]:
+    """Greedy decoding with the torch model itself (no export): for BLEU during training.
+
+    Output length is capped like ``pipeline.evaluate.translate`` caps it (``length_ratio`` × longest source
+    + 10), so an early student that never emits ``</s>`` costs little to evaluate.
+
+    Dropout is off while decoding, and greedy search draws no random numbers, so a run that measures BLEU
+    trains exactly like one that does not.
+    """
+    from trainers.batching import pad
+
+    was_training = model.training
+    model.eval()
+    ids = tok.encode_source(sources)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
+    hyps: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        input_ids = pad([ids[i][:max_len] for i in chunk], tok.pad_id).to(device)
+        limit = min(max_len, int(length_ratio * input_ids.shape[1]) + 10)
+        out = model.generate(input_ids=input_ids, attention_mask=(input_ids != tok.pad_id).long(),
+                             num_beams=1, do_sample=False, max_new_tokens=limit)
+        hyps.update(zip(chunk, tok.decode(out.tolist()), strict=True))
+    model.train(was_training)
+    return [hyps[i] for i in range(len(sources))]
 
 
 def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
@@ -147,11 +190,13 @@ def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
     trainer.fit()
     events = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()]
     finished = [e for e in events if e["event"] == "finished"][-1]
-    params = count_parameters(build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id))
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        params = count_parameters(build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id))
     results = {"loss": cfg.loss.name, "parameters": params, "steps": finished["step"],
                "best_valid_nll": finished["best_valid"], "train_minutes": round(finished["elapsed_s"] / 60, 2),
                "stopped": finished["reason"],
-               "gate": next((e["gate"] for e in reversed(events) if "gate" in e), None)}
+               "gate": next((e["gate"] for e in reversed(events) if "gate" in e), None),
+               "valid_bleu": next((e["valid_bleu"] for e in reversed(events) if "valid_bleu" in e), None)}
     ct2 = export_ct2(cfg.out / "best", cfg.out / "ct2", quantization="int8")
     if cfg.test is not None:
         import pyarrow.parquet as pq

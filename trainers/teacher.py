@@ -35,6 +35,7 @@ class TeacherConfig(BaseModel):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     max_source_tokens: int = Field(256, gt=0, description="longer examples are truncated")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     optim: OptimConfig = OptimConfig()
 
 
@@ -90,4 +91,15 @@ def train_teacher(cfg: TeacherConfig, *, progress_bar: bool = True) -> Progress:
         run_dir=cfg.out,
         tokenizer_dir=cfg.tokenizer,
         progress_bar=progress_bar,
+        device=resolve_device(cfg.device),
     )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → the first GPU when torch sees one, else the CPU; any other name as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no GPU")
+    return device

@@ -102,9 +102,10 @@ def test_dataset_made_from_other_inputs_is_refused(ray_local, corpus, tiny_teach
 
 
 def test_killed_worker_is_retried_and_dataset_complete(ray_local, corpus, tiny_teacher, tmp_path):
-    # Greedy decoding up to 200 tokens with an undertrained teacher keeps each shard busy for a while.
-    spec = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path, decoding={"mode": "greedy", "max_length": 200},
-                     output={"shard_size": 6})
+    # Beam search up to 200 tokens (plus the forced pass) with an undertrained teacher keeps each shard busy
+    # long enough for the kill to land mid-job even when the machine is loaded.
+    spec = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path,
+                     decoding={"mode": "beam", "beam_size": 4, "max_length": 200}, output={"shard_size": 6})
     reference = run_job(spec.model_copy(update={"output": spec.output.model_copy(update={"dataset": "ref"})}))
     ds, killed = tmp_path / "ds", []
 

@@ -30,3 +30,18 @@ def test_missing_dir_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match="cannot load"):
         Tokenizer.load(tmp_path / "empty")
+
+
+def test_training_is_deterministic(tiny_data, tmp_path):
+    """Same text → same ids (the raw trainer orders pieces differently each run): otherwise a retrained tokenizer silently sends the teacher down another path."""
+    import pyarrow.parquet as pq
+
+    from pipeline.tokenizer import train_tokenizer
+
+    train = pq.read_table(tiny_data / "train.parquet")
+    texts = train.column("source").to_pylist() + train.column("target").to_pylist()
+    a = train_tokenizer(texts, tmp_path / "a", vocab_size=600)
+    b = train_tokenizer(texts, tmp_path / "b", vocab_size=600)
+    assert a.hf.convert_ids_to_tokens(list(range(len(a)))) == b.hf.convert_ids_to_tokens(list(range(len(b))))
+    assert a.vocab_hash == b.vocab_hash
+    assert a.hf.convert_ids_to_tokens([0, 1, len(a) - 1]) == ["</s>", "<unk>", "<pad>"]

@@ -28,8 +28,8 @@ def test_teacher_learns_and_keeps_best(tiny_teacher):
 def _cfg(tiny_data, tiny_tokenizer, out, **optim):
     return TeacherConfig(train=tiny_data / "train.parquet", valid=tiny_data / "valid.parquet",
                          tokenizer=tiny_tokenizer.path, out=out, size="tiny", threads=1,
-                         optim=OptimConfig(max_steps=12, eval_every=4, checkpoint_every=5, warmup_steps=4,
-                                           max_tokens=1024, **optim))
+                         optim=OptimConfig(**{"max_steps": 12, "eval_every": 4, "checkpoint_every": 5,
+                                              "warmup_steps": 4, "max_tokens": 1024} | optim))
 
 
 def test_resume_continues_exactly(tiny_data, tiny_tokenizer, tmp_path, monkeypatch):
@@ -71,6 +71,18 @@ def test_finished_run_is_not_retrained(tiny_data, tiny_tokenizer, tmp_path):
     assert (tmp_path / "r" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+def test_larger_budget_continues_a_finished_run(tiny_data, tiny_tokenizer, tmp_path):
+    straight = train_teacher(_cfg(tiny_data, tiny_tokenizer, tmp_path / "a"), progress_bar=False)
+    short = train_teacher(_cfg(tiny_data, tiny_tokenizer, tmp_path / "b", max_steps=6), progress_bar=False)
+    assert short.finished == "max_steps" and short.step == 6
+    longer = train_teacher(_cfg(tiny_data, tiny_tokenizer, tmp_path / "b"), progress_bar=False)  # max_steps 12
+    assert longer.step == straight.step == 12
+    a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
+    for key in a:  # the extra validation at step 6 draws no random numbers: same weights, bit for bit
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
 def test_early_stopping(tiny_data, tiny_tokenizer, tmp_path):
     # A learning rate this high diverges: validation stops improving and patience ends the run.
     cfg = _cfg(tiny_data, tiny_tokenizer, tmp_path / "e", lr=5.0, patience=2)
@@ -78,3 +90,25 @@ def test_early_stopping(tiny_data, tiny_tokenizer, tmp_path):
     state = train_teacher(cfg, progress_bar=False)
     assert state.finished == "early_stopping"
     assert state.step < 200 and state.bad_evals == 2
+
+
+def test_autocast_choice():
+    from trainers.loop import autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None  # bf16 is emulated on most CPUs: fp32 unless asked
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+
+
+def test_bf16_autocast_trains_close_to_fp32(tiny_data, tiny_tokenizer, tmp_path):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        train_teacher(_cfg(tiny_data, tiny_tokenizer, tmp_path / precision, precision=precision), progress_bar=False)
+        events = [json.loads(line) for line in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+        runs[precision] = [e["valid_loss"] for e in events if e["event"] == "valid"]
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert bf16 != fp32  # autocast really ran in bf16 ...
+    assert bf16 == pytest.approx(fp32, rel=0.02)  # ... and learns the same curve within bf16's precision
+    assert bf16[-1] < bf16[0]
+
