@@ -33,7 +33,8 @@ def test_missing_dir_is_a_clear_error(tmp_path):
 
 
 def test_training_is_deterministic(tiny_data, tmp_path):
-    """Same text → same ids (the raw trainer orders pieces differently each run): otherwise a retrained tokenizer silently sends the teacher down another path."""
+    """Same text → same ids. The raw trainer orders pieces differently from run to run, and a retrained
+    tokenizer would silently send the teacher down another path."""
     import pyarrow.parquet as pq
 
     from pipeline.tokenizer import train_tokenizer
