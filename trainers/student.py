@@ -159,6 +159,18 @@ def greedy_translate(model, tok, sources: list[str], *, device: torch.device, ba
     return [hyps[i] for i in range(len(sources))]
 
 
+def _absolute_paths(cfg: StudentConfig) -> StudentConfig:
+    """``cfg`` with its local paths resolved against the driver's working directory."""
+    store = cfg.dataset.store
+    if "://" not in store:
+        store = str(Path(store).resolve())
+    return cfg.model_copy(update={
+        "dataset": cfg.dataset.model_copy(update={"store": store}),
+        **{name: getattr(cfg, name).resolve() for name in ("valid", "test", "tokenizer", "out")
+           if getattr(cfg, name) is not None},
+    })
+
+
 def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
     """Trains (or resumes) a student on Ray Train, exports the best checkpoint to CTranslate2 and scores it.
 
@@ -174,6 +186,7 @@ def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
     from trainers.export import export_ct2
     from trainers.models import build_marian, count_parameters
 
+    cfg = _absolute_paths(cfg)  # Ray Train workers run in their own working directory
     tok = Tokenizer.load(cfg.tokenizer)
     DistilledDataset(cfg.dataset.store, cfg.dataset.name, tokenizer=tok, endpoint=cfg.dataset.s3_endpoint,
                      max_rank=1)  # fail fast, in the driver, on a missing dataset or a vocabulary mismatch

@@ -124,3 +124,18 @@ def test_greedy_translate_matches_ctranslate2(tiny_teacher, tiny_data, tiny_toke
     agree = [a.startswith(b) or b.startswith(a) for a, b in zip(ours, theirs, strict=True)]
     assert sum(agree) >= 0.95 * len(sources)
     assert model.training  # dropout back on for the next training step
+
+
+def test_local_paths_are_resolved_for_the_workers(tmp_path, monkeypatch):
+    """Ray Train workers start in their own directory: relative paths must reach them resolved."""
+    from trainers.student import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = StudentConfig(dataset=DatasetRef(store="work/datasets", name="d"), valid="data/valid.parquet",
+                        tokenizer="tok", out="runs/s")
+    resolved = _absolute_paths(cfg)
+    assert resolved.dataset.store == str(tmp_path / "work" / "datasets")
+    assert resolved.valid == tmp_path / "data" / "valid.parquet" and resolved.out == tmp_path / "runs" / "s"
+    assert resolved.tokenizer == tmp_path / "tok" and resolved.test is None
+    s3 = cfg.model_copy(update={"dataset": DatasetRef(store="s3://bucket/prefix", name="d")})
+    assert _absolute_paths(s3).dataset.store == "s3://bucket/prefix"
