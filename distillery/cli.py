@@ -291,7 +291,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="where every artifact goes; re-runs reuse it")] = Path("work/demo"),
     teacher_minutes: Annotated[float, typer.Option(help="teacher training budget")] = 10.0,
     teacher_size: Annotated[str, typer.Option(help="teacher preset")] = "mini",
-    student_minutes: Annotated[float, typer.Option(help="training budget of each of the four students")] = 3.0,
+    student_steps: Annotated[int, typer.Option(help="training steps of each of the four students")] = 1500,
     student_size: Annotated[str, typer.Option(help="student preset")] = "tiny",
 ) -> None:
     """The main job end to end on the bundled corpus, on the embedded default (local files)."""
@@ -299,7 +299,7 @@ def demo(
 
     quiet_libraries()
     run_demo(workdir, teacher_minutes=teacher_minutes, teacher_size=teacher_size,
-             student_minutes=student_minutes, student_size=student_size, console=console)
+             student_steps=student_steps, student_size=student_size, console=console)
 
 
 # ---------------------------------------------------------------------------------------------------------------

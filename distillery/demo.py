@@ -30,7 +30,7 @@ def _step(console: Console, name: str, done: bool) -> bool:
     return not done
 
 
-def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, student_minutes: float,
+def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, student_steps: int,
              student_size: str, console: Console) -> dict:
     """Runs (or resumes) the demo in ``workdir``; returns and prints the results table."""
     from pipeline.bundled import BUNDLED_SPLIT, bundled_corpus_spec
@@ -40,7 +40,7 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, studen
     from pipeline.tokenizer import Tokenizer, train_tokenizer
     from trainers.export import export_ct2
     from trainers.loop import OptimConfig
-    from trainers.student import train_student
+    from trainers.student import StudentConfig, train_student
     from trainers.teacher import TeacherConfig, train_teacher
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -108,13 +108,13 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, studen
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
 
     console.print(f"[bold]8/{STEPS} students[/]: Marian '{student_size}' with nll / token / sentence / hybrid, "
-                  f"{student_minutes:g} min each (Ray Train, resumes)")
+                  f"{student_steps} steps each (Ray Train, resumes)")
     results["students"] = {}
     for loss, mode in STUDENT_DATASETS.items():
-        cfg = demo_student_config(workdir, prepared, datasets[mode], loss, size=student_size,
-                                  minutes=student_minutes)
-        done = cfg.out / "results.json"
-        student = json.loads(done.read_text()) if done.is_file() else train_student(cfg)
+        cfg = demo_student_config(workdir, prepared, datasets[mode], loss, size=student_size, steps=student_steps)
+        done = (cfg.out / "results.json").is_file() and (cfg.out / "config.json").is_file() and \
+            StudentConfig.model_validate_json((cfg.out / "config.json").read_text()).optim == cfg.optim
+        student = json.loads((cfg.out / "results.json").read_text()) if done else train_student(cfg)
         console.print(f"    {loss:<8} BLEU {student['bleu']:.2f}  chrF {student['chrf']:.2f}  "
                       f"({student['steps']} steps, {student['stopped']})")
         results["students"][loss] = student | {"dataset": datasets[mode]}
@@ -163,8 +163,9 @@ def demo_distill_spec(workdir: Path, train: Path, teacher: Path, mode: str = "te
     })
 
 
-def demo_student_config(workdir: Path, prepared, dataset: str, loss: str, *, size: str, minutes: float):
-    """One demo student: same size, data budget and optimiser for every loss; only the loss and its data differ."""
+def demo_student_config(workdir: Path, prepared, dataset: str, loss: str, *, size: str, steps: int):
+    """One demo student: same size, step budget and optimiser for every loss; only the loss and its data
+    differ. A step budget (not minutes) keeps the comparison fair on a machine that is busy with other work."""
     from trainers.loop import OptimConfig
     from trainers.losses import LossConfig
     from trainers.student import DatasetRef, StudentConfig
@@ -175,5 +176,5 @@ def demo_student_config(workdir: Path, prepared, dataset: str, loss: str, *, siz
         out=workdir / "students" / f"{loss}-{dataset.rsplit('-', 1)[-1]}", size=size, loss=LossConfig(name=loss),
         workers=1, threads_per_worker=2, bleu_every=400,
         optim=OptimConfig(lr=DEMO_LR, warmup_steps=200, max_tokens=3000, eval_every=200, checkpoint_every=200,
-                          max_minutes=minutes),
+                          max_steps=steps),
     )
