@@ -91,17 +91,8 @@ class TeacherWorker:
             self.translator = self._load()
         lengths = [len(s) for s in src]
         order = np.argsort(lengths, kind="stable")
-        # Software pipelining: CTranslate2 decodes sub-batch i+1 on its own thread (it releases the GIL)
-        # while this thread reduces sub-batch i's logits, so the reduction fills cores that CT2's
-        # intra-op parallelism leaves idle on small decode batches.
-        pending = None
         for sub in budget_chunks(order, lengths, self.spec.resources.batch_tokens):
-            submitted = (sub, self._submit(sub, src, tgt))
-            if pending is not None:
-                self._collect(*pending, tgt, rows)
-            pending = submitted
-        if pending is not None:
-            self._collect(*pending, tgt, rows)
+            self._decode(sub, src, tgt, rows)
 
         perm = np.lexsort((rows.rank, rows.example))
         take = perm.tolist()
@@ -139,53 +130,40 @@ class TeacherWorker:
     def _tokens(self, ids: list[int]) -> list[str]:
         return self.tokenizer.ids_to_tokens(ids)
 
-    def _submit(self, sub: list[int], src, tgt) -> tuple[list, list]:
-        """Queues the first (or only) CTranslate2 pass of a sub-batch; returns (source tokens, futures)."""
+    def _decode(self, sub: list[int], src, tgt, rows: _Rows) -> None:
         dec, mode = self.spec.decoding, self.spec.decoding.mode
         source_tokens = [self._tokens(src[i]) for i in sub]
-        common = dict(min_decoding_length=0, max_batch_size=0, asynchronous=True)
         if mode == DecodeMode.TEACHER_FORCING:
-            futures = self._forced_async(source_tokens, [tgt[i] for i in sub])
-        elif mode == DecodeMode.GREEDY:
-            futures = self.translator.translate_batch(source_tokens, beam_size=1, return_logits_vocab=True,
-                                                      max_decoding_length=dec.max_length, **common)
-        elif mode == DecodeMode.BEAM:
-            futures = self.translator.translate_batch(
-                source_tokens, beam_size=dec.beam_size, num_hypotheses=dec.num_hypotheses,
-                length_penalty=dec.length_penalty, max_decoding_length=dec.max_length, **common)
-        else:
-            futures = self.translator.translate_batch(
-                source_tokens, beam_size=1, sampling_topk=0, sampling_topp=dec.top_p,
-                sampling_temperature=dec.temperature, num_hypotheses=dec.num_hypotheses,
-                max_decoding_length=dec.max_length, **common)
-        return source_tokens, futures
-
-    def _collect(self, sub: list[int], submitted: tuple[list, list], tgt, rows: _Rows) -> None:
-        """Waits for a sub-batch's first pass and turns it into rows (with a forced pass if needed)."""
-        dec, mode = self.spec.decoding, self.spec.decoding.mode
-        source_tokens, futures = submitted
-        results = [f.result() for f in futures]
-        if mode == DecodeMode.TEACHER_FORCING:
-            self._reduce_forced(sub, [tgt[i] for i in sub], [0] * len(sub), results, rows)
-        elif mode == DecodeMode.GREEDY:
+            self._forced(sub, source_tokens, [tgt[i] for i in sub], [0] * len(sub), rows)
+            return
+        common = dict(max_decoding_length=dec.max_length, min_decoding_length=0, max_batch_size=0)
+        if mode == DecodeMode.GREEDY:
+            results = self.translator.translate_batch(source_tokens, beam_size=1, return_logits_vocab=True, **common)
             for i, res in zip(sub, results, strict=True):
                 logits = _steps_to_tensor(res.logits[0])
                 ids = self.tokenizer.tokens_to_ids(res.hypotheses[0])
                 ids = ids + [self.eos] if len(logits) == len(ids) + 1 else ids  # no </s> when truncated
                 self._reduce(i, 0, ids, logits[: len(ids)], rows)
-        else:  # beam / sample: the chosen hypotheses get a second, teacher-forced pass
-            owners, ranks, hyps, srcs = [], [], [], []
-            for i, toks, res in zip(sub, source_tokens, results, strict=True):
-                for rank, hyp in enumerate(res.hypotheses):
-                    ids = self.tokenizer.tokens_to_ids(hyp)
-                    owners.append(i), ranks.append(rank), srcs.append(toks)
-                    hyps.append(ids + [self.eos] if len(ids) < dec.max_length else ids)
-            forced = [f.result() for f in self._forced_async(srcs, hyps)]
-            self._reduce_forced(owners, hyps, ranks, forced, rows)
+            return
+        if mode == DecodeMode.BEAM:
+            results = self.translator.translate_batch(
+                source_tokens, beam_size=dec.beam_size, num_hypotheses=dec.num_hypotheses,
+                length_penalty=dec.length_penalty, **common)
+        else:
+            results = self.translator.translate_batch(
+                source_tokens, beam_size=1, sampling_topk=0, sampling_topp=dec.top_p,
+                sampling_temperature=dec.temperature, num_hypotheses=dec.num_hypotheses, **common)
+        owners, ranks, hyps, srcs = [], [], [], []
+        for i, toks, res in zip(sub, source_tokens, results, strict=True):
+            for rank, hyp in enumerate(res.hypotheses):
+                ids = self.tokenizer.tokens_to_ids(hyp)
+                owners.append(i), ranks.append(rank), srcs.append(toks)
+                hyps.append(ids + [self.eos] if len(ids) < dec.max_length else ids)
+        self._forced(owners, srcs, hyps, ranks, rows)
 
-    def _forced_async(self, source_tokens, hyps: list[list[int]]) -> list:
-        """Queues a teacher-forced pass: the distribution at every position of each ``hyps`` row."""
-        return self.translator.translate_batch(
+    def _forced(self, owners: list[int], source_tokens, hyps: list[list[int]], ranks: list[int], rows) -> None:
+        """Teacher-forced pass: the distribution at every position of each ``hyps`` row."""
+        results = self.translator.translate_batch(
             source_tokens,
             target_prefix=[self._tokens(h[:-1]) for h in hyps],
             beam_size=1,
@@ -193,10 +171,7 @@ class TeacherWorker:
             min_decoding_length=0,
             max_decoding_length=max(len(h) for h in hyps),
             max_batch_size=0,
-            asynchronous=True,
         )
-
-    def _reduce_forced(self, owners: list[int], hyps: list[list[int]], ranks: list[int], results, rows) -> None:
         for owner, rank, hyp, res in zip(owners, ranks, hyps, results, strict=True):
             self._reduce(owner, rank, hyp, _steps_to_tensor(res.logits[0][: len(hyp)]), rows)
 
