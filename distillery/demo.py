@@ -40,7 +40,7 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, studen
     from pipeline.tokenizer import Tokenizer, train_tokenizer
     from trainers.export import export_ct2
     from trainers.loop import OptimConfig
-    from trainers.student import StudentConfig, train_student
+    from trainers.student import train_student
     from trainers.teacher import TeacherConfig, train_teacher
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -112,9 +112,7 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, studen
     results["students"] = {}
     for loss, mode in STUDENT_DATASETS.items():
         cfg = demo_student_config(workdir, prepared, datasets[mode], loss, size=student_size, steps=student_steps)
-        done = (cfg.out / "results.json").is_file() and (cfg.out / "config.json").is_file() and \
-            StudentConfig.model_validate_json((cfg.out / "config.json").read_text()).optim == cfg.optim
-        student = json.loads((cfg.out / "results.json").read_text()) if done else train_student(cfg)
+        student = train_student(cfg)  # returns the saved results when this exact student is done
         console.print(f"    {loss:<8} BLEU {student['bleu']:.2f}  chrF {student['chrf']:.2f}  "
                       f"({student['steps']} steps, {student['stopped']})")
         results["students"][loss] = student | {"dataset": datasets[mode]}

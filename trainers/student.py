@@ -174,6 +174,9 @@ def _absolute_paths(cfg: StudentConfig) -> StudentConfig:
 def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
     """Trains (or resumes) a student on Ray Train, exports the best checkpoint to CTranslate2 and scores it.
 
+    When ``out`` already holds the results of this exact config they are returned as they are; otherwise
+    the run trains, or resumes from its checkpoint.
+
     Returns:
         The run summary also written to ``cfg.out / "results.json"``.
     """
@@ -190,8 +193,11 @@ def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
     tok = Tokenizer.load(cfg.tokenizer)
     DistilledDataset(cfg.dataset.store, cfg.dataset.name, tokenizer=tok, endpoint=cfg.dataset.s3_endpoint,
                      max_rank=1)  # fail fast, in the driver, on a missing dataset or a vocabulary mismatch
+    saved, done = cfg.out / "config.json", cfg.out / "results.json"
+    if done.is_file() and saved.is_file() and StudentConfig.model_validate_json(saved.read_text()) == cfg:
+        return json.loads(done.read_text())  # this exact run is complete: nothing to train, export or score
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    saved.write_text(cfg.model_dump_json(indent=2))
     init_ray(address)
     trainer = TorchTrainer(
         _worker_loop,

@@ -49,6 +49,9 @@ def top1_agreement(student_dir, teacher_dir, tiny_data, tokenizer) -> float:
 
 def test_two_workers_follow_one_worker(ray_local, tiny_distilled, tiny_data, tiny_tokenizer, tmp_path):
     one = train_student(config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "one"))
+    exported = (tmp_path / "one" / "ct2" / "model.bin").stat().st_mtime_ns
+    assert train_student(config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "one")) == one  # done: reused
+    assert (tmp_path / "one" / "ct2" / "model.bin").stat().st_mtime_ns == exported  # not exported again
     two = train_student(config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "two", workers=2))
     assert one["steps"] == two["steps"] == 8
     curve1, curve2 = valid_curve(tmp_path / "one"), valid_curve(tmp_path / "two")
