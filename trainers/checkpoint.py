@@ -3,7 +3,7 @@
 Layout under a run directory::
 
     checkpoint/   latest state (HF model files + trainer_state.pt), replaced atomically
-    best/         best model by validation loss, HF format with the tokenizer beside it
+    best/         best model by the selection metric (validation loss or BLEU), HF format with the tokenizer beside it
     metrics.jsonl one JSON object per logged event
 """
 
@@ -28,7 +28,8 @@ class Progress:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
-    best_valid: float = float("inf")
+    best_valid: float = float("inf")  # validation loss of the best model (the lowest, when selecting by it)
+    best_bleu: float | None = None  # valid BLEU of the best model, when it was measured
     best_step: int = 0
     bad_evals: int = 0  # consecutive evaluations without improvement (early stopping)
     elapsed_s: float = 0.0

@@ -75,6 +75,9 @@ class OptimConfig(BaseModel):
     max_minutes: float | None = Field(None, gt=0, description="wall-clock budget; stops cleanly")
     eval_every: int = Field(500, gt=0, description="validate every N steps (and each epoch end)")
     patience: int = Field(5, gt=0, description="evaluations without improvement before stopping")
+    select_by: Literal["valid_loss", "valid_bleu"] = Field(
+        "valid_loss", description="the validation metric that picks best/ and drives early stopping; valid_bleu "
+        "(higher is better) is measured by students at every validation, not by the teacher")
     checkpoint_every: int = Field(500, gt=0, description="steps between resumable checkpoints")
     log_every: int = Field(50, gt=0, description="steps between training-loss records in metrics.jsonl")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -142,6 +145,16 @@ def _budget_left(state: Progress, cfg: OptimConfig) -> bool:
             and (cfg.max_minutes is None or state.elapsed_s < cfg.max_minutes * 60))
 
 
+def _improved(record: dict, state: Progress, select_by: str) -> bool:
+    """Whether the validation ``record`` beats the best model so far on the ``select_by`` metric."""
+    if select_by not in record:
+        raise ValueError(f"select_by={select_by!r}, but this validation did not measure it (students measure "
+                         "valid_bleu; the teacher selects by valid_loss)")
+    if select_by == "valid_bleu":
+        return state.best_bleu is None or record["valid_bleu"] > state.best_bleu
+    return record["valid_loss"] < state.best_valid
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -206,23 +219,24 @@ def fit(
     started = time.monotonic() - state.elapsed_s
 
     def validate() -> bool:
-        """Validates, keeps the best model; returns True when early stopping triggers."""
+        """Validates, keeps the best model by ``cfg.select_by``; returns True when early stopping triggers."""
         valid = evaluate_loss(model, valid_batches, valid_loss_fn or loss_fn, dist, device, amp)
-        improved = valid < state.best_valid
-        if improved:
-            state.best_valid, state.best_step, state.bad_evals = valid, state.step, 0
+        record = {"event": "valid", "step": state.step, "epoch": state.epoch, "valid_loss": valid,
+                  "elapsed_s": round(state.elapsed_s, 1)}
+        if on_validate:
+            on_validate(record)  # may add metrics, e.g. valid_bleu: it must come before the selection
+        if _improved(record, state, cfg.select_by):
+            state.best_valid, state.best_bleu, state.best_step, state.bad_evals = (
+                valid, record.get("valid_bleu"), state.step, 0)
             if dist.is_main:
                 save_model(unwrap(model), tokenizer_dir, run_dir / "best")
         else:
             state.bad_evals += 1
-        record = {"event": "valid", "step": state.step, "epoch": state.epoch, "valid_loss": valid,
-                  "best": state.best_valid, "elapsed_s": round(state.elapsed_s, 1)}
-        if on_validate:
-            on_validate(record)
+        record |= {"best_step": state.best_step, "best": state.best_valid}
         state.history.append(record)
         if dist.is_main:
             append_metrics(run_dir, record)
-        bar.set_postfix(valid=f"{valid:.3f}", best=f"{state.best_valid:.3f}")
+        bar.set_postfix(valid=f"{valid:.3f}", best_step=state.best_step)
         return state.bad_evals >= cfg.patience
 
     cached: tuple[int, list[dict]] = (-1, [])
@@ -272,5 +286,6 @@ def fit(
     bar.close()
     if dist.is_main:
         append_metrics(run_dir, {"event": "finished", "reason": state.finished, "step": state.step,
-                                 "best_valid": state.best_valid, "elapsed_s": state.elapsed_s})
+                                 "best_step": state.best_step, "best_valid": state.best_valid,
+                                 "best_bleu": state.best_bleu, "elapsed_s": state.elapsed_s})
     return state

@@ -5,8 +5,10 @@ the same global batch plan and trains on its slice (``trainers.data``); losses a
 and divided by the step's global token count times the world size, so after DDP's gradient averaging each
 step's gradient is the gradient of the global per-token mean — the same as on one worker.
 
-After training, the best checkpoint (lowest NLL on the references of the valid split) is converted to
-CTranslate2 and scored on the test split (BLEU / chrF with sacrebleu signatures).
+After training, the best checkpoint is converted to CTranslate2 and scored on the test split (BLEU / chrF with
+sacrebleu signatures). "Best" is lowest NLL on the valid references (``optim.select_by: valid_loss``) or highest
+greedy BLEU on the valid split (``valid_bleu``). NLL on references is the wrong yardstick for sentence-level KD:
+a student that learns the teacher's translations can gain BLEU while its NLL on the references rises.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class StudentConfig(BaseModel):
     threads_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
     bleu_every: int | None = Field(None, gt=0, description="greedy BLEU on the valid split at the first "
-                                   "validation after every N steps (None: only test BLEU at the end)")
+                                   "validation after every N steps (None: only test BLEU at the end); "
+                                   "optim.select_by=valid_bleu measures it at every validation")
     bleu_sentences: int = Field(300, gt=0, description="valid sentences decoded for that BLEU")
     optim: OptimConfig = OptimConfig()
 
@@ -120,10 +123,13 @@ def _worker_loop(config: dict) -> None:
         if gate is not None:
             record["gate"] = gate.last_value()
         bucket = record["step"] // cfg.bleu_every if cfg.bleu_every else 0
-        if bucket > last_bleu["bucket"] and dist.is_main:  # decoding is local: other workers need not wait
+        if bucket > last_bleu["bucket"] or opt.select_by == "valid_bleu":
             last_bleu["bucket"] = bucket
-            hyps = greedy_translate(unwrap(model), tok, [p["source"] for p in bleu_pairs], device=device)
-            record["valid_bleu"] = round(score(hyps, [p["target"] for p in bleu_pairs]).bleu, 2)
+            bleu = 0.0
+            if dist.is_main:  # one worker decodes; the sum shares its BLEU so all take the same selection decision
+                hyps = greedy_translate(unwrap(model), tok, [p["source"] for p in bleu_pairs], device=device)
+                bleu = score(hyps, [p["target"] for p in bleu_pairs]).bleu
+            record["valid_bleu"] = round(dist.all_sum(bleu)[0], 2)
 
     fit(model, train_batches=train_batches, valid_batches=valid[dist.rank::dist.world_size], loss_fn=loss_fn,
         valid_loss_fn=valid_loss_fn, cfg=opt, run_dir=cfg.out, tokenizer_dir=cfg.tokenizer, progress_bar=False,
@@ -212,7 +218,9 @@ def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         params = count_parameters(build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id))
     results = {"loss": cfg.loss.name, "parameters": params, "steps": finished["step"],
-               "best_valid_nll": finished["best_valid"], "train_minutes": round(finished["elapsed_s"] / 60, 2),
+               "selected_by": cfg.optim.select_by, "best_step": finished["best_step"],
+               "best_valid_nll": finished["best_valid"], "best_valid_bleu": finished["best_bleu"],
+               "train_minutes": round(finished["elapsed_s"] / 60, 2),
                "stopped": finished["reason"],
                "gate": next((e["gate"] for e in reversed(events) if "gate" in e), None),
                "valid_bleu": next((e["valid_bleu"] for e in reversed(events) if "valid_bleu" in e), None)}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.tokenizer import Tokenizer
 from trainers.batching import seq2seq_batch, token_batches
@@ -37,6 +37,13 @@ class TeacherConfig(BaseModel):
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     optim: OptimConfig = OptimConfig()
+
+    @field_validator("optim")
+    @classmethod
+    def _loss_selection(cls, optim: OptimConfig) -> OptimConfig:
+        if optim.select_by != "valid_loss":
+            raise ValueError("the teacher selects its best model by valid_loss (valid_bleu is for students)")
+        return optim
 
 
 def load_pairs(path: Path, tokenizer: Tokenizer, max_len: int) -> tuple[list, list]:

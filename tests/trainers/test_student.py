@@ -87,6 +87,20 @@ def test_resumed_run_continues_exactly(ray_local, tiny_distilled, tiny_data, tin
     assert valid_curve(tmp_path / "b")[-1] == valid_curve(tmp_path / "a")[-1]
 
 
+def test_two_workers_select_by_valid_bleu(ray_local, tiny_distilled, tiny_data, tiny_tokenizer, tmp_path):
+    # Rank 0 decodes; the other worker must receive the same BLEU (or the workers' selection and early-stopping
+    # decisions would part, and the next collective would hang).
+    cfg = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "s", dataset="beam", loss="sentence",
+                 workers=2, max_steps=12, select_by="valid_bleu")
+    results = train_student(cfg)
+    events = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    bleu = {e["step"]: e["valid_bleu"] for e in events if e["event"] == "valid"}
+    assert list(bleu) == [4, 8, 12]  # measured at every validation, not only every `bleu_every` steps
+    first_best = next(step for step, value in bleu.items() if value == max(bleu.values()))
+    assert results["selected_by"] == "valid_bleu"
+    assert results["best_step"] == first_best and results["best_valid_bleu"] == max(bleu.values())
+
+
 @pytest.mark.parametrize("loss, dataset", [("token", "tf"), ("sentence", "beam")])
 def test_students_learn_toward_the_teacher(loss, dataset, ray_local, tiny_distilled, tiny_data, tiny_tokenizer,
                                            tiny_teacher, tmp_path):
