@@ -23,6 +23,12 @@ class Scores:
         return self.__dict__.copy()
 
 
+def decode_limit(longest_source: int, *, length_ratio: float = 2.0, max_length: int = 256) -> int:
+    """Output-length cap for a batch whose longest source has ``longest_source`` tokens: a weak model that never
+    emits ``</s>`` cannot make evaluation crawl to ``max_length`` on every sentence."""
+    return min(max_length, int(length_ratio * longest_source) + 10)
+
+
 def translate(
     model_dir: str | Path,
     tokenizer: Tokenizer,
@@ -37,9 +43,7 @@ def translate(
 ) -> list[str]:
     """Translates ``sources`` with a CTranslate2 model; returns detokenized hypotheses in input order.
 
-    Sentences are decoded in length-sorted chunks whose decoding length is capped at
-    ``length_ratio × longest source + 10`` tokens, so a weak model that never emits ``</s>`` cannot
-    make evaluation crawl to ``max_decoding_length`` on every sentence.
+    Sentences are decoded in length-sorted chunks whose decoding length is capped by ``decode_limit``.
     """
     check_vocabulary(tokenizer, model_dir)
     translator = load_translator(model_dir, compute_type=compute_type, intra_threads=threads)
@@ -47,7 +51,7 @@ def translate(
     ids: list[list[int]] = [[] for _ in tokens]
     lengths = [len(t) for t in tokens]
     for chunk in budget_chunks(sorted(range(len(tokens)), key=lengths.__getitem__), lengths, max_batch_tokens):
-        limit = min(max_decoding_length, int(length_ratio * len(tokens[chunk[-1]])) + 10)
+        limit = decode_limit(len(tokens[chunk[-1]]), length_ratio=length_ratio, max_length=max_decoding_length)
         results = translator.translate_batch([tokens[i] for i in chunk], beam_size=beam_size,
                                              max_decoding_length=limit)
         for i, res in zip(chunk, results, strict=True):

@@ -141,12 +141,13 @@ def greedy_translate(model, tok, sources: list[str], *, device: torch.device, ba
                      max_len: int = 256, length_ratio: float = 2.0) -> list[str]:
     """Greedy decoding with the torch model itself (no export): for BLEU during training.
 
-    Output length is capped like ``pipeline.evaluate.translate`` caps it (``length_ratio`` × longest source
-    + 10), so an early student that never emits ``</s>`` costs little to evaluate.
+    Output length is capped like ``pipeline.evaluate.translate`` caps it (``decode_limit``), so an early student
+    that never emits ``</s>`` costs little to evaluate.
 
     Dropout is off while decoding, and greedy search draws no random numbers, so a run that measures BLEU
     trains exactly like one that does not.
     """
+    from pipeline.evaluate import decode_limit
     from trainers.batching import pad
 
     was_training = model.training
@@ -157,7 +158,7 @@ def greedy_translate(model, tok, sources: list[str], *, device: torch.device, ba
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         input_ids = pad([ids[i][:max_len] for i in chunk], tok.pad_id).to(device)
-        limit = min(max_len, int(length_ratio * input_ids.shape[1]) + 10)
+        limit = decode_limit(input_ids.shape[1], length_ratio=length_ratio, max_length=max_len)
         out = model.generate(input_ids=input_ids, attention_mask=(input_ids != tok.pad_id).long(),
                              num_beams=1, do_sample=False, max_new_tokens=limit)
         hyps.update(zip(chunk, tok.decode(out.tolist()), strict=True))
