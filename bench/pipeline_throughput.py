@@ -23,18 +23,22 @@ import pyarrow.parquet as pq
 from common import WORK, Timer, corpus_file, setup
 
 THREADS = 2  # the cores of this machine; every system gets the same
+SHARD_SIZE = 500
 
 
-def raw_ct2(paths, sources: list[list[str]], *, beam: int, max_length: int, replicas: int = 1) -> float:
+def raw_ct2(paths, sources: list[list[str]], *, beam: int, max_length: int, replicas: int = 1,
+            logits: bool = False) -> float:
     """Target tokens/s of plain ``translate_batch`` (int8, same token budget as the pipeline); ``replicas``
-    translators run batches in parallel (``inter_threads``), sharing the cores between them."""
+    translators run batches in parallel (``inter_threads``), sharing the cores between them. ``logits``
+    also asks for the full-vocabulary logits of every step, as the pipeline's greedy pass must."""
     from pipeline.ct2 import load_translator
 
     translator = load_translator(paths["ct2"], compute_type="int8", intra_threads=THREADS // replicas,
                                  inter_threads=replicas)
     with Timer() as t:
         results = translator.translate_batch(sources, beam_size=beam, max_batch_size=4096, batch_type="tokens",
-                                             max_decoding_length=max_length, min_decoding_length=0)
+                                             max_decoding_length=max_length, min_decoding_length=0,
+                                             return_logits_vocab=logits)
     tokens = sum(min(len(r.hypotheses[0]) + 1, max_length) for r in results)
     return tokens / t.seconds
 
@@ -62,28 +66,56 @@ def hf_generate(paths, texts: list[str], *, beam: int, max_length: int) -> float
     return tokens / seconds
 
 
-def distill(paths, corpus, *, mode: str, workers: int, threads: int, max_length: int, name: str) -> dict:
-    from pipeline.run import run_job
+def job_spec(paths, corpus, *, mode: str, workers: int, threads: int, max_length: int, name: str):
     from pipeline.spec import JobSpec
 
     decoding = {"mode": mode, "max_length": max_length} | ({"beam_size": 4} if mode == "beam" else {})
-    spec = JobSpec.model_validate({
+    return JobSpec.model_validate({
         "corpus": {"path": str(corpus)},
         "teacher": {"model": str(paths["ct2"]), "tokenizer": str(paths["tokenizer"]), "compute_type": "int8"},
         "decoding": decoding,
         "targets": {"top_k": 8},
-        "output": {"store": str(WORK / "datasets"), "dataset": name, "shard_size": 500},
+        "output": {"store": str(WORK / "datasets"), "dataset": name, "shard_size": SHARD_SIZE},
         "resources": {"workers": workers, "threads_per_worker": threads, "batch_tokens": 4096},
     })
+
+
+def distill(paths, corpus, **kw) -> dict:
+    from pipeline.run import run_job
+
+    spec = job_spec(paths, corpus, **kw)
+    name = spec.output.dataset
     shutil.rmtree(WORK / "datasets" / name, ignore_errors=True)
     with Timer() as t:
         manifest = run_job(spec)
     sidecars = [json.loads((WORK / "datasets" / name / f"_{s['name'][:-8]}.json").read_text())
                 for s in manifest["shards"]]
     tokens = manifest["counts"]["target_tokens"]
-    busy = sum(s["seconds"] for s in sidecars) / workers  # per-worker busy time, workers run in parallel
+    busy = sum(s["seconds"] for s in sidecars) / kw["workers"]  # per-worker busy time, workers run in parallel
     return {"job_tok_s": tokens / t.seconds, "worker_tok_s": tokens / busy, "tokens": tokens,
             "bytes_per_token": manifest["counts"]["bytes"] / tokens, "seconds": t.seconds}
+
+
+def in_process(paths, corpus, *, max_length: int) -> float:
+    """Target tokens/s of ``TeacherWorker.distill`` called shard by shard in this process: decode, top-k and
+    the shard's Arrow table, without Ray, Parquet writes or hashing."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.worker import TeacherWorker
+
+    spec = job_spec(paths, corpus, mode="greedy", workers=1, threads=THREADS, max_length=max_length, name="in-process")
+    worker = TeacherWorker(spec)
+    table = pq.read_table(corpus)
+    n = table.num_rows
+    examples = pa.table({"id": [str(i) for i in range(n)], "index": pa.array(range(n), pa.int64()),
+                         "source": table["source"], "target": table["target"]})
+    tokens = 0
+    with Timer() as t:
+        for start in range(0, n, SHARD_SIZE):
+            shard = worker.distill(examples.slice(start, SHARD_SIZE))
+            tokens += pc.sum(pc.list_value_length(shard["hyp_ids"])).as_py()
+    return tokens / t.seconds
 
 
 def main() -> None:
@@ -107,6 +139,8 @@ def main() -> None:
     r = {
         "raw_greedy": raw_ct2(paths, sources, beam=1, max_length=L),
         "raw_greedy_2x1": raw_ct2(paths, sources, beam=1, max_length=L, replicas=2),
+        "raw_greedy_logits": raw_ct2(paths, sources, beam=1, max_length=L, logits=True),
+        "in_process_greedy": in_process(paths, corpus, max_length=L),
         "greedy_1x2": distill(paths, corpus, mode="greedy", workers=1, threads=2, max_length=L, name="g1x2"),
         "greedy_2x1": distill(paths, corpus, mode="greedy", workers=2, threads=1, max_length=L, name="g2x1"),
     }
@@ -118,6 +152,9 @@ def main() -> None:
         f"distill greedy top-8:    job {g['job_tok_s']:,.0f} tok/s, workers {g['worker_tok_s']:,.0f} tok/s",
         "(a) distill ÷ raw CT2:   greedy job {:.2f} / workers {:.2f} (goal ≥ 0.90)".format(
             g["job_tok_s"] / r["raw_greedy"], g["worker_tok_s"] / r["raw_greedy"]),
+        "    where the gap is, ÷ raw CT2: raw CT2 returning every step's logits {:.2f} (the greedy ceiling); "
+        "TeacherWorker in-process (decode + top-k + Arrow, no Ray or writes) {:.2f}".format(
+            r["raw_greedy_logits"] / r["raw_greedy"], r["in_process_greedy"] / r["raw_greedy"]),
         "(c) 2 workers × 1 thread ÷ 1 worker × 2 threads: job {:.2f}, workers {:.2f}".format(
             g2["job_tok_s"] / g["job_tok_s"], g2["worker_tok_s"] / g["worker_tok_s"]),
         "    best vs best, greedy: distill 2 workers × 1 thread {:,.0f} tok/s (job) / {:,.0f} (workers) ÷ raw CT2 "
