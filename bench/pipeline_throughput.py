@@ -176,9 +176,10 @@ def main() -> None:
             f"distill beam 4 top-8:    job {b['job_tok_s']:,.0f} tok/s, workers {b['worker_tok_s']:,.0f} tok/s",
             "(a) distill ÷ raw CT2:   beam 4 job {:.2f} / workers {:.2f} (goal ≥ 0.65)".format(
                 b["job_tok_s"] / r["raw_beam4"], b["worker_tok_s"] / r["raw_beam4"]),
-            "(b) ÷ HF generate:       greedy distill {:.2f} vs raw CT2 {:.2f}; "
-            "beam 4 distill {:.2f} vs raw CT2 {:.2f}".format(
+            "(b) ÷ HF generate:       greedy distill {:.2f} vs raw CT2 {:.2f} (1 × 2 threads), {:.2f} vs {:.2f} "
+            "(2 × 1: distill workers, raw replicas); beam 4 distill {:.2f} vs raw CT2 {:.2f}".format(
                 g["worker_tok_s"] / r["hf_greedy"], r["raw_greedy"] / r["hf_greedy"],
+                g2["worker_tok_s"] / r["hf_greedy"], r["raw_greedy_2x1"] / r["hf_greedy"],
                 b["worker_tok_s"] / r["hf_beam4"], r["raw_beam4"] / r["hf_beam4"]),
             f"(d) bytes per target token on disk (zstd): greedy {g['bytes_per_token']:.1f}, beam 4 "
             f"{b['bytes_per_token']:.1f}",
