@@ -99,17 +99,15 @@ def distill(paths, corpus, **kw) -> dict:
 def in_process(paths, corpus, *, max_length: int) -> float:
     """Target tokens/s of ``TeacherWorker.distill`` called shard by shard in this process: decode, top-k and
     the shard's Arrow table, without Ray, Parquet writes or hashing."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
+    from pipeline.corpus import read_corpus
     from pipeline.worker import TeacherWorker
 
     spec = job_spec(paths, corpus, mode="greedy", workers=1, threads=THREADS, max_length=max_length, name="in-process")
     worker = TeacherWorker(spec)
-    table = pq.read_table(corpus)
-    n = table.num_rows
-    examples = pa.table({"id": [str(i) for i in range(n)], "index": pa.array(range(n), pa.int64()),
-                         "source": table["source"], "target": table["target"]})
+    examples = read_corpus(spec.corpus, spec.filters).table  # the examples a job distils, filters applied
+    n = examples.num_rows
     tokens = 0
     with Timer() as t:
         for start in range(0, n, SHARD_SIZE):
