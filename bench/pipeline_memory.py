@@ -19,6 +19,7 @@ from common import WORK, corpus_file, setup
 
 
 def child(n: int, top_k: int) -> None:
+    from pipeline.dataset import Sidecar, sidecar_file
     from pipeline.run import peak_rss_mb, run_job
     from pipeline.spec import JobSpec
 
@@ -34,10 +35,10 @@ def child(n: int, top_k: int) -> None:
         "resources": {"workers": 1, "threads_per_worker": 2},
     })
     manifest = run_job(spec)
-    workers = [json.loads((WORK / "datasets" / name / f"_{s['name'][:-8]}.json").read_text())["peak_rss_mb"]
-               for s in manifest["shards"]]
+    workers = [Sidecar.model_validate_json((WORK / "datasets" / name / sidecar_file(s.shard)).read_text()).peak_rss_mb
+               for s in manifest.shards]
     print(json.dumps({"sentences": n, "driver_peak_mb": peak_rss_mb(), "worker_peak_mb": max(workers),
-                      "shards": len(workers), "target_tokens": manifest["counts"]["target_tokens"]}))
+                      "shards": len(workers), "target_tokens": manifest.counts.target_tokens}))
 
 
 def main() -> None:

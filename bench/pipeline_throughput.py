@@ -81,6 +81,7 @@ def job_spec(paths, corpus, *, mode: str, workers: int, threads: int, max_length
 
 
 def distill(paths, corpus, **kw) -> dict:
+    from pipeline.dataset import Sidecar, sidecar_file
     from pipeline.run import run_job
 
     spec = job_spec(paths, corpus, **kw)
@@ -88,12 +89,12 @@ def distill(paths, corpus, **kw) -> dict:
     shutil.rmtree(WORK / "datasets" / name, ignore_errors=True)
     with Timer() as t:
         manifest = run_job(spec)
-    sidecars = [json.loads((WORK / "datasets" / name / f"_{s['name'][:-8]}.json").read_text())
-                for s in manifest["shards"]]
-    tokens = manifest["counts"]["target_tokens"]
-    busy = sum(s["seconds"] for s in sidecars) / kw["workers"]  # per-worker busy time, workers run in parallel
+    sidecars = [Sidecar.model_validate_json((WORK / "datasets" / name / sidecar_file(s.shard)).read_text())
+                for s in manifest.shards]
+    tokens = manifest.counts.target_tokens
+    busy = sum(s.seconds for s in sidecars) / kw["workers"]  # per-worker busy time, workers run in parallel
     return {"job_tok_s": tokens / t.seconds, "worker_tok_s": tokens / busy, "tokens": tokens,
-            "bytes_per_token": manifest["counts"]["bytes"] / tokens, "seconds": t.seconds}
+            "bytes_per_token": manifest.counts.bytes / tokens, "seconds": t.seconds}
 
 
 def in_process(paths, corpus, *, max_length: int) -> float:

@@ -198,15 +198,15 @@ def distill(
                        rate=f"{p.tokens_per_s:,.0f} tok/s" if p.tokens_per_s else "")
 
         manifest = run_job(job, address=address, on_progress=update)
-    counts, p = manifest["counts"], last["progress"]
+    counts, p = manifest.counts, last["progress"]
     console.print(
-        f"dataset [bold]{manifest['dataset']}[/] → {job.output.store}/{job.output.dataset}\n"
-        f"  examples {counts['examples']:,}  rows {counts['rows']:,}  target tokens {counts['target_tokens']:,}  "
-        f"bytes {counts['bytes']:,} ({counts['bytes'] / max(counts['target_tokens'], 1):.1f}/token)\n"
+        f"dataset [bold]{manifest.dataset}[/] → {job.output.store}/{job.output.dataset}\n"
+        f"  examples {counts.examples:,}  rows {counts.rows:,}  target tokens {counts.target_tokens:,}  "
+        f"bytes {counts.bytes:,} ({counts.bytes / max(counts.target_tokens, 1):.1f}/token)\n"
         f"  this run: {p.shards_done - p.shards_skipped} shards in {p.elapsed_s:,.1f} s, "
         f"{p.tokens_per_s:,.0f} target tokens/s ({p.shards_skipped} complete shards reused)\n"
-        f"  rejected {sum(counts['rejected'].values()):,} {counts['rejected'] or ''}\n"
-        f"  dataset hash {manifest['dataset_hash']}"
+        f"  rejected {sum(counts.rejected.values()):,} {counts.rejected or ''}\n"
+        f"  dataset hash {manifest.dataset_hash}"
     )
 
 

@@ -97,14 +97,14 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, studen
                                          ("beam", "beam-4 translations + their teacher-forced top-8")], start=6):
         console.print(f"[bold]{step}/{STEPS} distill[/]: {what}, training split (local Ray)")
         manifest = run_job(demo_distill_spec(workdir, prepared.path("train"), teacher_ct2, mode))
-        counts = manifest["counts"]
-        console.print(f"    {counts['examples']:,} examples, {counts['target_tokens']:,} target tokens, "
-                      f"{counts['bytes'] / counts['target_tokens']:.1f} bytes/token, {len(manifest['shards'])} "
-                      f"shards → {workdir / 'datasets' / manifest['dataset']}")
-        datasets[mode] = manifest["dataset"]
+        counts = manifest.counts
+        console.print(f"    {counts.examples:,} examples, {counts.target_tokens:,} target tokens, "
+                      f"{counts.bytes / counts.target_tokens:.1f} bytes/token, {len(manifest.shards)} "
+                      f"shards → {workdir / 'datasets' / manifest.dataset}")
+        datasets[mode] = manifest.dataset
         results.setdefault("distilled", {})[mode] = {
-            "dataset": str(workdir / "datasets" / manifest["dataset"]), "counts": counts,
-            "dataset_hash": manifest["dataset_hash"]}
+            "dataset": str(workdir / "datasets" / manifest.dataset), "counts": counts.model_dump(mode="json"),
+            "dataset_hash": manifest.dataset_hash}
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
 
     console.print(f"[bold]8/{STEPS} students[/]: Marian '{student_size}' with nll / token / sentence / hybrid, "

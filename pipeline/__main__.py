@@ -27,15 +27,15 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.run import run_job
 
         manifest = run_job(spec, address=args.address,
-                           on_progress=lambda p: print(json.dumps({"progress": p.__dict__}), flush=True))
+                           on_progress=lambda p: print(json.dumps({"progress": p.model_dump(mode="json")}), flush=True))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a failure mid-run: say what failed, leave the traceback to the logs
         print(f"error: job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"manifest": {"dataset": manifest["dataset"], "dataset_hash": manifest["dataset_hash"],
-                                   "counts": manifest["counts"]}}), flush=True)
+    summary = manifest.model_dump(mode="json", include={"dataset", "dataset_hash", "counts"})
+    print(json.dumps({"manifest": summary}), flush=True)
     return 0
 
 

@@ -6,17 +6,8 @@ descriptors through ``TeacherWorker`` actors; each actor reads its examples from
 its shard atomically (temp name → rename) plus a small ``.json`` sidecar, and returns only that metadata:
 the driver never holds logits or shard data. The manifest is written last, from the sidecars.
 
-Dataset layout under ``<store>/<dataset>/``::
-
-    part-00000.parquet    shard rows (see pipeline.schema)
-    _part-00000.json      sidecar: rows, positions, bytes, sha256, index range
-    _job.json             spec + fingerprint of the inputs (a re-run must match it)
-    _rejects.jsonl        corpus records rejected, with line and reason
-    _progress.json        shards done/total, rates, ETA — for any reader (the service)
-    _manifest.json        written last: the dataset is complete and valid
-
-Every file but the shards starts with ``_``, which pyarrow.dataset, Spark and Hive skip, so the dataset
-directory opens as it is in any Parquet reader.
+The dataset layout and the files written next to the shards (sidecars, ``_job.json``, ``_progress.json``,
+``_manifest.json``) are typed, versioned models in :mod:`pipeline.dataset`.
 """
 
 
@@ -30,7 +21,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,14 +30,22 @@ import pyarrow.parquet as pq
 from pipeline import schema
 from pipeline.corpus import read_corpus
 from pipeline.ct2 import check_model_dir, check_vocabulary, model_hash
+from pipeline.dataset import (
+    REJECTS,
+    Counts,
+    JobRecord,
+    Manifest,
+    Progress,
+    ProgressState,
+    Sidecar,
+    TeacherInfo,
+    TokenizerInfo,
+    shard_file,
+)
 from pipeline.spec import JobSpec
 from pipeline.storage import Store
 from pipeline.tokenizer import Tokenizer
 
-MANIFEST = "_manifest.json"
-PROGRESS = "_progress.json"
-JOB = "_job.json"
-REJECTS = "_rejects.jsonl"
 NOISE_VOCAB_SIZE = 20000  # most frequent words per side used for substitution noise
 
 
@@ -55,35 +53,11 @@ class JobError(ValueError):
     """The job cannot run (bad inputs, a dataset made from other inputs, …); nothing was written."""
 
 
-@dataclass
-class Progress:
-    """What ``_progress.json`` holds; written by the driver after every shard."""
-
-    state: str
-    shards_total: int
-    shards_done: int = 0
-    shards_skipped: int = 0
-    examples_total: int = 0
-    examples_done: int = 0
-    rows_done: int = 0
-    target_tokens_done: int = 0
-    bytes_written: int = 0
-    elapsed_s: float = 0.0
-    tokens_per_s: float = 0.0
-    eta_s: float | None = None
-    error: str = ""
-    updated_at: str = ""
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def shard_name(i: int) -> str:
-    return f"part-{i:05d}"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -135,13 +109,13 @@ class ShardWriter:
         for shard in batch["shard"]:
             meta = self.write_shard(int(shard))
             out["shard"].append(int(shard))
-            out["meta"].append(json.dumps(meta))
+            out["meta"].append(meta.model_dump_json())
         return out
 
-    def write_shard(self, shard: int) -> dict:
+    def write_shard(self, shard: int) -> Sidecar:
         from pipeline.worker import shard_seed
 
-        size, name = self.spec.output.shard_size, shard_name(shard)
+        size = self.spec.output.shard_size
         examples = self.examples.slice(shard * size, size)
         started = time.monotonic()
         table = self.worker.distill(examples, vocab=self.vocab, seed=shard_seed(self.spec.decoding.seed, shard))
@@ -150,35 +124,35 @@ class ShardWriter:
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
         directory = self.spec.output.dataset
-        self.store.write_bytes_atomic(f"{directory}/{name}.parquet", data)
-        meta = {
-            "name": f"{name}.parquet",
-            "shard": shard,
-            "first_index": int(examples.column("index")[0].as_py()),
-            "last_index": int(examples.column("index")[-1].as_py()),
-            "examples": examples.num_rows,
-            "rows": table.num_rows,
-            "target_tokens": int(sum(len(x) for x in table.column("hyp_ids").to_pylist())),
-            "bytes": len(data),
-            "sha256": sha256_bytes(data),
-            "seconds": round(time.monotonic() - started, 3),
-            "pid": os.getpid(),
-            "peak_rss_mb": peak_rss_mb(),
-        }
-        self.store.write_json_atomic(f"{directory}/_{name}.json", meta)  # after the shard: marks it complete
+        self.store.write_bytes_atomic(f"{directory}/{shard_file(shard)}", data)
+        meta = Sidecar(
+            name=shard_file(shard),
+            shard=shard,
+            first_index=int(examples.column("index")[0].as_py()),
+            last_index=int(examples.column("index")[-1].as_py()),
+            examples=examples.num_rows,
+            rows=table.num_rows,
+            target_tokens=int(sum(len(x) for x in table.column("hyp_ids").to_pylist())),
+            bytes=len(data),
+            sha256=sha256_bytes(data),
+            seconds=round(time.monotonic() - started, 3),
+            pid=os.getpid(),
+            peak_rss_mb=peak_rss_mb(),
+        )
+        meta.write(self.store, directory)  # after the shard: marks it complete
         return meta
 
 
-def _complete_shards(store: Store, directory: str, n_shards: int, expected_examples: Callable[[int], int]) -> dict:
+def _complete_shards(store: Store, directory: str, n_shards: int,
+                     expected_examples: Callable[[int], int]) -> dict[int, Sidecar]:
     """Sidecars of shards that are complete and whose bytes still match their recorded hash."""
     done = {}
     for i in range(n_shards):
-        name = shard_name(i)
-        if not (store.exists(f"{directory}/_{name}.json") and store.exists(f"{directory}/{name}.parquet")):
+        meta = Sidecar.read(store, directory, i)
+        if meta is None or meta.shard != i or not store.exists(f"{directory}/{shard_file(i)}"):
             continue
-        meta = store.read_json(f"{directory}/_{name}.json")
-        data = store.read_bytes(f"{directory}/{name}.parquet")
-        if meta.get("sha256") == sha256_bytes(data) and meta.get("examples") == expected_examples(i):
+        data = store.read_bytes(f"{directory}/{shard_file(i)}")
+        if meta.sha256 == sha256_bytes(data) and meta.examples == expected_examples(i):
             done[i] = meta
     return done
 
@@ -203,7 +177,7 @@ def run_job(
     *,
     address: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
-) -> dict:
+) -> Manifest:
     """Runs (or resumes) a distillation job and returns its manifest.
 
     Raises:
@@ -221,12 +195,11 @@ def run_job(
     if corpus.kept == 0:
         raise JobError(f"empty corpus: {corpus.summary()}")
     fingerprint = _fingerprint(spec, teacher_hash, vocab_hash, corpus.table)
-    if store.exists(f"{directory}/{JOB}"):
-        previous = store.read_json(f"{directory}/{JOB}")
-        if previous.get("fingerprint") != fingerprint:
-            raise JobError(f"dataset {directory!r} already exists in {spec.output.store} and was made from "
-                           "other inputs (spec, teacher, tokenizer or corpus); choose another dataset name")
-    store.write_json_atomic(f"{directory}/{JOB}", {"fingerprint": fingerprint, "spec": spec.model_dump(mode="json")})
+    previous = JobRecord.read(store, directory)
+    if previous is not None and previous.fingerprint != fingerprint:
+        raise JobError(f"dataset {directory!r} already exists in {spec.output.store} and was made from "
+                       "other inputs (spec, teacher, tokenizer or corpus); choose another dataset name")
+    JobRecord(fingerprint=fingerprint, spec=spec.model_dump(mode="json")).write(store, directory)
     store.write_bytes_atomic(f"{directory}/{REJECTS}", rejects)
     store.cleanup_temp(directory)
 
@@ -235,11 +208,12 @@ def run_job(
     expected = lambda i: min(size, kept - i * size)  # noqa: E731
     done = _complete_shards(store, directory, n_shards, expected)
     todo = [i for i in range(n_shards) if i not in done]
-    progress = Progress(state="running", shards_total=n_shards, shards_done=len(done), shards_skipped=len(done),
-                        examples_total=kept, examples_done=sum(m["examples"] for m in done.values()))
+    progress = Progress(state=ProgressState.RUNNING, shards_total=n_shards, shards_done=len(done),
+                        shards_skipped=len(done), examples_total=kept,
+                        examples_done=sum(m.examples for m in done.values()))
     started = time.monotonic()
 
-    def publish(state: str | None = None, error: str = "") -> None:
+    def publish(state: ProgressState | None = None, error: str = "") -> None:
         progress.state = state or progress.state
         progress.error = error
         progress.elapsed_s = round(time.monotonic() - started, 2)
@@ -248,7 +222,7 @@ def run_job(
         remaining = n_shards - progress.shards_done
         progress.eta_s = round(progress.elapsed_s / new_done * remaining, 1) if new_done else None
         progress.updated_at = datetime.now(UTC).isoformat(timespec="seconds")
-        store.write_json_atomic(f"{directory}/{PROGRESS}", progress.__dict__)
+        progress.write(store, directory)
         if on_progress:
             on_progress(progress)
 
@@ -256,22 +230,23 @@ def run_job(
     try:
         if todo:
             for meta in _distill_shards(spec, corpus.table, todo, address=address):
-                done[meta["shard"]] = meta
+                done[meta.shard] = meta
                 progress.shards_done += 1
-                progress.examples_done += meta["examples"]
-                progress.rows_done += meta["rows"]
-                progress.target_tokens_done += meta["target_tokens"]
-                progress.bytes_written += meta["bytes"]
+                progress.examples_done += meta.examples
+                progress.rows_done += meta.rows
+                progress.target_tokens_done += meta.target_tokens
+                progress.bytes_written += meta.bytes
                 publish()
         missing = [i for i in range(n_shards) if i not in done]
         if missing:
             raise JobError(f"shards {missing} did not complete")
         manifest = _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint)
-        store.write_json_atomic(f"{directory}/{MANIFEST}", manifest)
+        manifest.write(store, directory)
     except BaseException as exc:
-        publish("failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", error=str(exc)[:2000])
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        publish(ProgressState.INTERRUPTED if interrupted else ProgressState.FAILED, error=str(exc)[:2000])
         raise
-    publish("succeeded")
+    publish(ProgressState.SUCCEEDED)
     return manifest
 
 
@@ -296,38 +271,35 @@ def _distill_shards(spec: JobSpec, corpus: pa.Table, todo: list[int], *, address
         # default to -1 for actor pools); a retried shard rewrites the same file, so retries are safe.
     )
     for row in ds.iter_rows():
-        yield json.loads(row["meta"])
+        yield Sidecar.model_validate_json(row["meta"])
 
 
-def _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint) -> dict:
+def _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint) -> Manifest:
     import ctranslate2
 
     from pipeline.spec import SPEC_VERSION
 
-    # pid, seconds and memory describe one execution, not the data: keep them out of the manifest.
-    run_only = ("pid", "seconds", "peak_rss_mb")
-    shards = [{k: v for k, v in done[i].items() if k not in run_only} for i in range(n_shards)]
-    dataset_hash = sha256_bytes("".join(f"{s['name']}:{s['sha256']}\n" for s in shards).encode())
-    return {
-        "manifest_version": schema.MANIFEST_VERSION,
-        "schema_version": schema.SCHEMA_VERSION,
-        "spec_version": SPEC_VERSION,
-        "dataset": spec.output.dataset,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "spec": spec.model_dump(mode="json"),
-        "fingerprint": fingerprint,
-        "teacher": {"model": spec.teacher.model, "hash": teacher_hash, "compute_type": spec.teacher.compute_type},
-        "tokenizer": {"path": spec.tokenizer_dir, "vocab_hash": vocab_hash},
-        "top_k": spec.targets.top_k,
-        "counts": {
-            "records_read": corpus.total,
-            "examples": corpus.kept,
-            "rows": sum(s["rows"] for s in shards),
-            "target_tokens": sum(s["target_tokens"] for s in shards),
-            "bytes": sum(s["bytes"] for s in shards),
-            "rejected": corpus.rejected,
-        },
-        "shards": shards,
-        "dataset_hash": dataset_hash,
-        "versions": {"ctranslate2": ctranslate2.__version__, "pyarrow": pa.__version__},
-    }
+    shards = [done[i].entry() for i in range(n_shards)]
+    dataset_hash = sha256_bytes("".join(f"{s.name}:{s.sha256}\n" for s in shards).encode())
+    return Manifest(
+        schema_version=schema.SCHEMA_VERSION,
+        spec_version=SPEC_VERSION,
+        dataset=spec.output.dataset,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        spec=spec.model_dump(mode="json"),
+        fingerprint=fingerprint,
+        teacher=TeacherInfo(model=spec.teacher.model, hash=teacher_hash, compute_type=spec.teacher.compute_type),
+        tokenizer=TokenizerInfo(path=spec.tokenizer_dir, vocab_hash=vocab_hash),
+        top_k=spec.targets.top_k,
+        counts=Counts(
+            records_read=corpus.total,
+            examples=corpus.kept,
+            rows=sum(s.rows for s in shards),
+            target_tokens=sum(s.target_tokens for s in shards),
+            bytes=sum(s.bytes for s in shards),
+            rejected=corpus.rejected,
+        ),
+        shards=shards,
+        dataset_hash=dataset_hash,
+        versions={"ctranslate2": ctranslate2.__version__, "pyarrow": pa.__version__},
+    )

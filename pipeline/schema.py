@@ -43,7 +43,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 SCHEMA_VERSION = 1
-MANIFEST_VERSION = 1
 VERSION_KEY = b"distillery.schema_version"
 HYP_KINDS = ("reference", "greedy", "beam", "sample")
 # log(mass outside top-k) when that mass is ~0; far below any real value yet

@@ -15,7 +15,6 @@ fail validation before any work starts.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from typing import Literal
 
@@ -23,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.corpus import CorpusSpec, FilterSpec
 from pipeline.ct2 import COMPUTE_TYPES
+from pipeline.dataset import NAME_RULE, DatasetName
 from pipeline.noise import NoiseSpec
 
 SPEC_VERSION = 1
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class DecodeMode(StrEnum):
@@ -85,16 +84,9 @@ class TargetsSpec(_Strict):
 
 class OutputSpec(_Strict):
     store: str = Field(description="local directory or s3://bucket/prefix holding datasets")
-    dataset: str = Field(description="dataset name: letters, digits, '.', '_', '-'")
+    dataset: DatasetName = Field(description=f"dataset name: {NAME_RULE}")
     shard_size: int = Field(2000, ge=1, description="examples per shard")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (default: AWS)")
-
-    @field_validator("dataset")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not NAME_PATTERN.match(value) or value in (".", ".."):
-            raise ValueError(f"invalid dataset name {value!r}: use letters, digits, '.', '_', '-' (≤128)")
-        return value
 
 
 class ResourcesSpec(_Strict):

@@ -1,27 +1,27 @@
 """Reading datasets from the stores: manifests, progress files, sizes. Never shard contents.
 
-Only names matching :data:`pipeline.spec.NAME_PATTERN` are ever joined to a store root, and
-:class:`pipeline.storage.Store` refuses any path that would leave the root, so nothing a client sends
-reads outside a store.
+Dataset files are read through the models of :mod:`pipeline.dataset` (the one home of the layout, the
+manifest and the progress file). Only names that pass :func:`pipeline.dataset.valid_name` (a full match)
+are ever joined to a store root, and :class:`pipeline.storage.Store` refuses any path that would leave the
+root, so nothing a client sends reads outside a store.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
-from typing import Any
+from typing import TypeVar
 
 import pyarrow.fs as pafs
 
-from pipeline.spec import NAME_PATTERN
+from pipeline.dataset import JOB, MANIFEST, PROGRESS, DatasetFileError, Manifest, Progress, valid_name
 from pipeline.storage import StorageError, Store
 from services.models import DatasetDetail, DatasetSummary, JobProgress
 
-MANIFEST, PROGRESS, JOB = "_manifest.json", "_progress.json", "_job.json"
+__all__ = ["get_dataset", "list_datasets", "open_store", "read_progress", "valid_name"]
+log = logging.getLogger("distillery.services")
 MAX_META_BYTES = 16 << 20  # a manifest lists every shard; 16 MiB is ~100k shards
-
-
-def valid_name(name: str) -> bool:
-    return bool(NAME_PATTERN.match(name)) and name not in (".", "..")
+M = TypeVar("M", Manifest, Progress)
 
 
 @lru_cache(maxsize=64)
@@ -29,40 +29,44 @@ def open_store(uri: str, endpoint: str | None = None) -> Store:
     return Store.from_uri(uri, endpoint_override=endpoint)
 
 
-def _read_json(store: Store, path: str) -> dict[str, Any] | None:
-    """A small JSON file, or None when it is missing, too large, or not a JSON object."""
+def _read(model: type[M], store: Store, name: str) -> tuple[M | None, str | None]:
+    """``<name>/<model.FILE>`` as a model, or None when missing; a file that is there but unreadable (too
+    large, not a regular file, malformed, of an unknown version) is None plus the problem, for the client."""
+    path = f"{name}/{model.FILE}"
     try:
         info = store.filesystem.get_file_info(store.join(path))
+        if info.type == pafs.FileType.NotFound:
+            return None, None
         if info.type != pafs.FileType.File or info.size > MAX_META_BYTES:
-            return None
-        data = store.read_json(path)
-    except (OSError, ValueError):  # ValueError covers JSON errors and StorageError
-        return None
-    return data if isinstance(data, dict) else None
+            return None, f"{model.FILE} is not a regular file of at most {MAX_META_BYTES} bytes"
+        return model.parse(store.read_bytes(path), where=model.FILE), None
+    except DatasetFileError as exc:
+        log.warning("dataset %s: %s", name, exc)
+        return None, str(exc)
+    except (OSError, StorageError) as exc:
+        return None, f"{model.FILE} unreadable: {exc}"
 
 
 def read_progress(store: Store, name: str) -> JobProgress | None:
-    data = _read_json(store, f"{name}/{PROGRESS}")
-    try:
-        return JobProgress.from_file(data) if data else None
-    except ValueError:
-        return None
+    progress, _ = _read(Progress, store, name)
+    return JobProgress.from_progress(progress) if progress is not None else None
 
 
-def _summary(store: Store, store_uri: str, name: str) -> tuple[DatasetSummary, dict | None, dict | None]:
-    manifest = _read_json(store, f"{name}/{MANIFEST}")
-    progress = _read_json(store, f"{name}/{PROGRESS}")
+def _summary(store: Store, store_uri: str, name: str) -> tuple[DatasetSummary, Manifest | None, Progress | None]:
+    manifest, manifest_problem = _read(Manifest, store, name)
+    progress, progress_problem = _read(Progress, store, name)
     summary = DatasetSummary(name=name, store=store_uri, complete=manifest is not None,
-                             state=(progress or {}).get("state") if progress else None)
+                             state=progress.state if progress is not None else None,
+                             problem="; ".join(p for p in (manifest_problem, progress_problem) if p) or None)
     if manifest is not None:
-        counts = manifest.get("counts") or {}
-        summary.examples, summary.rows = counts.get("examples"), counts.get("rows")
-        summary.target_tokens, summary.bytes = counts.get("target_tokens"), counts.get("bytes")
-        summary.shards, summary.dataset_hash = len(manifest.get("shards") or []), manifest.get("dataset_hash")
+        counts = manifest.counts
+        summary.examples, summary.rows = counts.examples, counts.rows
+        summary.target_tokens, summary.bytes = counts.target_tokens, counts.bytes
+        summary.shards, summary.dataset_hash = len(manifest.shards), manifest.dataset_hash
     elif progress is not None:
-        summary.examples, summary.rows = progress.get("examples_done"), progress.get("rows_done")
-        summary.target_tokens, summary.bytes = progress.get("target_tokens_done"), progress.get("bytes_written")
-        summary.shards = progress.get("shards_done")
+        summary.examples, summary.rows = progress.examples_done, progress.rows_done
+        summary.target_tokens, summary.bytes = progress.target_tokens_done, progress.bytes_written
+        summary.shards = progress.shards_done
     return summary, manifest, progress
 
 
@@ -91,10 +95,7 @@ def get_dataset(store_uri: str, name: str) -> DatasetDetail | None:
     except (OSError, StorageError):
         return None
     summary, manifest, progress = _summary(store, store_uri, name)
-    if manifest is None and progress is None and not any(f.path.endswith(JOB) for f in files):
+    if manifest is None and progress is None and not any(f.path.endswith(f"/{JOB}") for f in files):
         return None
-    detail = DatasetDetail(**summary.model_dump(), manifest=manifest, files=len(files),
-                           bytes_on_disk=sum(f.size for f in files))
-    if progress is not None:
-        detail.progress = JobProgress.from_file(progress)
-    return detail
+    return DatasetDetail(**dict(summary), manifest=manifest, files=len(files), bytes_on_disk=sum(f.size for f in files),
+                         progress=JobProgress.from_progress(progress) if progress is not None else None)

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from pipeline.dataset import Manifest, Progress, ProgressState
+
 
 class JobState(StrEnum):
     """Lifecycle of a job: ``queued → running → succeeded | failed | cancelled``, ``queued → cancelled``.
@@ -46,35 +48,21 @@ class IllegalTransition(ValueError):
     """A state change the state machine does not allow (e.g. leaving a terminal state)."""
 
 
-class JobProgress(BaseModel):
-    """What the job's ``_progress.json`` says, reduced to what a client shows."""
+class JobProgress(Progress):
+    """The job's ``_progress.json`` (:class:`pipeline.dataset.Progress`, the one model of that file) plus the
+    rates a client shows."""
 
-    shards_total: int = 0
-    shards_done: int = 0
-    shards_skipped: int = Field(0, description="complete shards reused from an earlier run")
-    examples_total: int = 0
-    examples_done: int = 0
     percent: float = Field(0.0, description="examples done / examples total, 0–100")
-    target_tokens_done: int = 0
-    bytes_written: int = 0
-    elapsed_s: float = 0.0
-    tokens_per_s: float = Field(0.0, description="target tokens per second in this run")
     examples_per_s: float = Field(0.0, description="examples per second in this run")
-    eta_s: float | None = None
-    updated_at: str = ""
 
     @classmethod
-    def from_file(cls, data: dict[str, Any]) -> JobProgress:
-        """From the pipeline's ``_progress.json`` (unknown keys ignored, missing ones defaulted)."""
-        known = {k: v for k, v in data.items() if k in cls.model_fields}
-        progress = cls.model_validate(known)
+    def from_progress(cls, progress: Progress) -> JobProgress:
         total, done = progress.examples_total, progress.examples_done
-        progress.percent = round(100.0 * done / total, 1) if total else 0.0
         # examples_done counts reused shards too; this run's share is estimated from the shard counts.
         run_shards = progress.shards_done - progress.shards_skipped
         new = done if not progress.shards_skipped else total * run_shards / max(progress.shards_total, 1)
-        progress.examples_per_s = round(new / progress.elapsed_s, 2) if progress.elapsed_s > 0 else 0.0
-        return progress
+        return cls(**dict(progress), percent=round(100.0 * done / total, 1) if total else 0.0,
+                   examples_per_s=round(new / progress.elapsed_s, 2) if progress.elapsed_s > 0 else 0.0)
 
 
 class JobPublic(BaseModel):
@@ -109,13 +97,14 @@ class DatasetSummary(BaseModel):
     name: str
     store: str
     complete: bool = Field(description="its _manifest.json exists (written last)")
-    state: str | None = Field(None, description="state in _progress.json: running, succeeded, failed, …")
+    state: ProgressState | None = Field(None, description="state in _progress.json")
     examples: int | None = None
     rows: int | None = None
     target_tokens: int | None = None
     bytes: int | None = None
     shards: int | None = None
     dataset_hash: str | None = None
+    problem: str | None = Field(None, description="why its _manifest.json or _progress.json cannot be read")
 
 
 class DatasetList(BaseModel):
@@ -124,7 +113,7 @@ class DatasetList(BaseModel):
 
 
 class DatasetDetail(DatasetSummary):
-    manifest: dict[str, Any] | None = Field(None, description="the whole _manifest.json, when complete")
+    manifest: Manifest | None = Field(None, description="the whole _manifest.json, when complete")
     progress: JobProgress | None = None
     files: int = Field(0, description="files in the dataset directory")
     bytes_on_disk: int = 0

@@ -15,10 +15,10 @@ Restarting the service therefore re-attaches to running jobs by submission id, w
 from __future__ import annotations
 
 import logging
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pipeline.dataset import valid_name
 from services import catalog
 from services.config import Settings, normalize_store
 from services.launcher import RayJob, RayLauncher, pipeline_spec_path
@@ -29,7 +29,6 @@ log = logging.getLogger("distillery.services")
 
 RAY_STATES = {"PENDING": JobState.QUEUED, "RUNNING": JobState.RUNNING, "SUCCEEDED": JobState.SUCCEEDED,
               "FAILED": JobState.FAILED, "STOPPED": JobState.CANCELLED}
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def _time(seconds: float | None) -> datetime | None:
@@ -73,7 +72,7 @@ class Reconciler:
     def discover(self, ray_jobs: dict[str, RayJob]) -> None:
         known = self.store.submission_ids()
         for sid, rj in ray_jobs.items():
-            if sid in known or not ID_PATTERN.match(sid):
+            if sid in known or not valid_name(sid):  # job ids follow the dataset-name rule (full match)
                 continue
             spec_path = pipeline_spec_path(rj.entrypoint)
             if spec_path is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import JSON, DateTime, String, Text, create_engine, event, func, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -59,8 +60,17 @@ def _public(row: Job) -> JobPublic:
         submission_id=row.submission_id, entrypoint=row.entrypoint, created_at=_utc(row.created_at),
         started_at=_utc(row.started_at), finished_at=_utc(row.finished_at), error=row.error,
         log_tail=row.log_tail, spec=row.spec,
-        progress=JobProgress.model_validate(row.progress) if row.progress else None,
+        progress=_progress(row.progress),
     )
+
+
+def _progress(data: dict | None) -> JobProgress | None:
+    """A record's last progress. One saved by an older version that no longer validates is not shown; the
+    reconciler replaces it from the dataset's progress file."""
+    try:
+        return JobProgress.model_validate(data) if data else None
+    except ValidationError:
+        return None
 
 
 class JobStore:

@@ -21,6 +21,7 @@ import pyarrow.dataset as pads
 import torch
 
 from pipeline import schema
+from pipeline.dataset import MANIFEST, DatasetFileError, Manifest
 from pipeline.storage import Store
 from pipeline.tokenizer import Tokenizer
 from trainers.batching import token_batches
@@ -84,22 +85,26 @@ class DistilledDataset:
         """
         self.store = Store.from_uri(store_uri, endpoint_override=endpoint)
         self.name = name
-        if not self.store.exists(f"{name}/_manifest.json"):
-            raise DatasetError(f"no complete dataset {name!r} in {store_uri} (no _manifest.json: did the job finish?)")
-        self.manifest = self.store.read_json(f"{name}/_manifest.json")
-        if self.manifest.get("schema_version") != schema.SCHEMA_VERSION:
-            raise DatasetError(f"dataset {name!r} has shard schema version {self.manifest.get('schema_version')}; "
+        try:
+            manifest = Manifest.read(self.store, name)
+        except DatasetFileError as exc:
+            raise DatasetError(f"dataset {name!r} in {store_uri}: {exc}") from None
+        if manifest is None:
+            raise DatasetError(f"no complete dataset {name!r} in {store_uri} (no {MANIFEST}: did the job finish?)")
+        self.manifest = manifest
+        if manifest.schema_version != schema.SCHEMA_VERSION:
+            raise DatasetError(f"dataset {name!r} has shard schema version {manifest.schema_version}; "
                                f"this trainer reads version {schema.SCHEMA_VERSION}")
-        theirs = self.manifest["tokenizer"]["vocab_hash"]
+        theirs = manifest.tokenizer.vocab_hash
         if theirs != tokenizer.vocab_hash:
             raise DatasetError(f"student tokenizer {tokenizer.path} ({tokenizer.vocab_hash[:19]}…) does not match the "
                                f"teacher vocabulary of {name!r} ({theirs[:19]}…): token-level KD needs the same one")
-        self.top_k = int(self.manifest["top_k"])
+        self.top_k = manifest.top_k
         self.max_rank = max_rank
         self.rows = self._load()
 
     def _load(self) -> Rows:
-        files = [self.store.join(self.name, s["name"]) for s in self.manifest["shards"]]
+        files = [self.store.join(self.name, s.name) for s in self.manifest.shards]
         columns = ["source_ids", "hyp_ids", "topk_ids", "topk_logprobs", "tail_logprob", "score", "hyp_rank"]
         table = pads.dataset(files, filesystem=self.store.filesystem, format="parquet").to_table(columns=columns)
         if self.max_rank is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.dataset import DatasetName
 from trainers.loop import OptimConfig
 from trainers.losses import LossConfig
 from trainers.models import ModelSize
@@ -28,7 +29,7 @@ class DatasetRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     store: str = Field(description="local directory or s3://bucket/prefix")
-    name: str = Field(description="dataset name written by `distillery distill`")
+    name: DatasetName = Field(description="dataset name written by `distillery distill`")
     s3_endpoint: str | None = None
 
 

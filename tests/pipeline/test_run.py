@@ -58,26 +58,31 @@ def test_job_writes_shards_manifest_and_rejects(ray_local, corpus, tiny_teacher,
     updates = []
     manifest = run_job(make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path), on_progress=updates.append)
     ds = tmp_path / "ds"
-    assert json.loads((ds / "_manifest.json").read_text()) == manifest
-    assert manifest["counts"]["examples"] == 60 and manifest["counts"]["records_read"] == 63
-    assert manifest["counts"]["rejected"] == {"empty_target": 1, "malformed": 1, "invalid_utf8": 1}
+    # The file holds the documented JSON field names (README, "Manifest and progress files").
+    on_disk = json.loads((ds / "_manifest.json").read_text())
+    assert on_disk == manifest.model_dump(mode="json")
+    assert on_disk["manifest_version"] == 1 and on_disk["counts"]["examples"] == 60
+    assert manifest.counts.examples == 60 and manifest.counts.records_read == 63
+    assert manifest.counts.rejected == {"empty_target": 1, "malformed": 1, "invalid_utf8": 1}
     assert len((ds / "_rejects.jsonl").read_text().splitlines()) == 3
-    assert [s["examples"] for s in manifest["shards"]] == [25, 25, 10]
-    assert manifest["tokenizer"]["vocab_hash"] == tiny_tokenizer.vocab_hash
-    assert manifest["teacher"]["hash"].startswith("sha256:") and manifest["schema_version"] == schema.SCHEMA_VERSION
+    assert [s.examples for s in manifest.shards] == [25, 25, 10]
+    assert [s.name for s in manifest.shards] == sorted(p.name for p in ds.glob("part-*.parquet"))
+    assert manifest.tokenizer.vocab_hash == tiny_tokenizer.vocab_hash
+    assert manifest.teacher.hash.startswith("sha256:") and manifest.schema_version == schema.SCHEMA_VERSION
 
     table = read_dataset(tmp_path, "ds")  # pyarrow.dataset opens the directory of shards as is
     assert schema.validate(table, top_k=4, vocab_size=len(tiny_tokenizer.tokens)) == []
     assert table.num_rows == 60 and len(set(table["id"].to_pylist())) == 60
     assert sorted(table["index"].to_pylist()) == table["index"].to_pylist()
     positions = sum(len(x) for x in table["hyp_ids"].to_pylist())
-    assert manifest["counts"]["target_tokens"] == positions
+    assert manifest.counts.target_tokens == positions
     # DuckDB reads the same files, nested fixed-size lists included.
     [(n, first_k)] = duckdb.sql(
         f"select count(*), max(len(topk_ids[1])) from read_parquet('{ds}/part-*.parquet')").fetchall()
     assert (n, first_k) == (60, 4)
     progress = json.loads((ds / "_progress.json").read_text())
-    assert progress["state"] == "succeeded" and progress["shards_done"] == progress["shards_total"] == 3
+    assert progress["progress_version"] == 1 and progress["state"] == "succeeded"
+    assert progress["shards_done"] == progress["shards_total"] == 3
     assert [u.shards_done for u in updates][-1] == 3 and updates[-1].examples_done == 60
 
 
@@ -90,7 +95,7 @@ def test_rerun_skips_complete_shards_and_redoes_damaged_ones(ray_local, corpus, 
     (ds / "part-00002.parquet").unlink()  # missing
     (ds / "_manifest.json").unlink()
     second = run_job(spec)
-    assert second["dataset_hash"] == first["dataset_hash"]
+    assert second.dataset_hash == first.dataset_hash
     assert (ds / "part-00000.parquet").stat().st_mtime_ns == untouched
 
 
@@ -121,10 +126,10 @@ def test_killed_worker_is_retried_and_dataset_complete(ray_local, corpus, tiny_t
     manifest = run_job(spec)
     killer.join(timeout=5)
     assert killed, "the worker was never killed"
-    pids = {json.loads((ds / f"_{s['name'][:-8]}.json").read_text())["pid"] for s in manifest["shards"]}
+    pids = {json.loads((ds / f"_part-{s.shard:05d}.json").read_text())["pid"] for s in manifest.shards}
     assert len(pids) >= 2  # a restarted actor finished the job
-    assert manifest["counts"]["examples"] == 60
-    assert manifest["dataset_hash"] == reference["dataset_hash"]
+    assert manifest.counts.examples == 60
+    assert manifest.dataset_hash == reference.dataset_hash
 
 
 def write_spec(path: Path, spec: JobSpec) -> Path:

@@ -13,6 +13,17 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from pipeline.dataset import (
+    Counts,
+    JobRecord,
+    Manifest,
+    Progress,
+    ShardEntry,
+    TeacherInfo,
+    TokenizerInfo,
+    shard_file,
+)
+from pipeline.storage import Store
 from services.launcher import RayJob, pipeline_spec_path
 from services.main import create_app
 from services.models import IllegalTransition, JobState
@@ -109,15 +120,14 @@ def test_submission_failure_is_503_and_recorded(client, settings, fake_ray):
 
 
 def write_progress(settings, dataset: str, **fields) -> None:
+    """The progress file as the pipeline writes it: through its one model."""
     from datetime import UTC, datetime
 
-    directory = Path(settings.default_store) / dataset
-    directory.mkdir(parents=True, exist_ok=True)
     data = {"state": "running", "shards_total": 4, "shards_done": 1, "shards_skipped": 0, "examples_total": 100,
             "examples_done": 25, "rows_done": 25, "target_tokens_done": 500, "bytes_written": 1000,
             "elapsed_s": 5.0, "tokens_per_s": 100.0, "eta_s": 15.0, "error": "",
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds")} | fields
-    (directory / "_progress.json").write_text(json.dumps(data))
+    Progress(**data).write(Store.from_uri(settings.default_store), dataset)
 
 
 def test_reconciler_follows_ray_and_the_progress_file(client, settings, fake_ray):
@@ -228,17 +238,21 @@ def test_entrypoint_parsing(entrypoint, spec):
 
 
 def make_dataset(root: Path, name: str, *, complete: bool) -> None:
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "part-00000.parquet").write_bytes(b"x" * 100)
-    (d / "_job.json").write_text("{}")
-    (d / "_progress.json").write_text(json.dumps({"state": "succeeded" if complete else "running",
-                                                  "shards_total": 1, "shards_done": int(complete),
-                                                  "examples_total": 10, "examples_done": 10 * complete}))
+    """A dataset directory whose files are built through the pipeline's models (pipeline.dataset)."""
+    store = Store.from_uri(str(root))
+    store.write_bytes_atomic(f"{name}/{shard_file(0)}", b"x" * 100)
+    spec = spec_body(str(root), dataset=name)
+    JobRecord(fingerprint="sha256:fp", spec=spec).write(store, name)
+    Progress(state="succeeded" if complete else "running", shards_total=1, shards_done=int(complete),
+             examples_total=10, examples_done=10 * complete).write(store, name)
     if complete:
-        (d / "_manifest.json").write_text(json.dumps({
-            "dataset": name, "counts": {"examples": 10, "rows": 20, "target_tokens": 300, "bytes": 100},
-            "shards": [{"name": "part-00000.parquet"}], "dataset_hash": "sha256:abc"}))
+        shard = ShardEntry(name=shard_file(0), shard=0, first_index=0, last_index=9, examples=10, rows=20,
+                           target_tokens=300, bytes=100, sha256="sha256:abc")
+        Manifest(schema_version=1, spec_version=1, dataset=name, created_at="2026-01-01T00:00:00+00:00", spec=spec,
+                 fingerprint="sha256:fp", teacher=TeacherInfo(model="/t", hash="sha256:t", compute_type="int8"),
+                 tokenizer=TokenizerInfo(path="/t", vocab_hash="sha256:v"), top_k=4,
+                 counts=Counts(records_read=10, examples=10, rows=20, target_tokens=300, bytes=100, rejected={}),
+                 shards=[shard], dataset_hash="sha256:abc", versions={}).write(store, name)
 
 
 def test_datasets_listing_and_detail(client, settings):

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_rows_match_the_shards(tiny_distilled, tiny_tokenizer):
     data = DistilledDataset(tiny_distilled["store"], "beam", tokenizer=tiny_tokenizer)
     table = pads.dataset(f"{tiny_distilled['store']}/beam", format="parquet").to_table()
-    assert len(data.rows) == table.num_rows == 2 * tiny_distilled["beam"]["counts"]["examples"]
+    assert len(data.rows) == table.num_rows == 2 * tiny_distilled["beam"].counts.examples
     first_best = DistilledDataset(tiny_distilled["store"], "beam", tokenizer=tiny_tokenizer, max_rank=1)
     assert len(first_best.rows) == table.num_rows // 2
     # row 7 through the reader == row 7 read directly

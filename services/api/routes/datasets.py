@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query
 
+from pipeline.dataset import NAME_RULE
 from services import catalog
 from services.config import normalize_store
 from services.deps import SettingsDep
@@ -40,7 +41,7 @@ def get_dataset(name: str, settings: SettingsDep, store: str | None = StoreQuery
     """One dataset: its manifest when complete, its progress while a job writes it, file count and size."""
     if not catalog.valid_name(name):
         raise HTTPException(422, [{"type": "value_error", "loc": ["path", "name"],
-                                   "msg": "invalid dataset name: use letters, digits, '.', '_', '-' (≤128)"}])
+                                   "msg": f"invalid dataset name: use {NAME_RULE}"}])
     detail = catalog.get_dataset(_store(settings, store), name)
     if detail is None:
         raise HTTPException(404, f"no dataset {name!r}")

@@ -8,11 +8,11 @@ import uuid
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
 
+from pipeline.dataset import valid_name
 from pipeline.spec import JobSpec
 from services.config import normalize_store
 from services.deps import Authorized, LauncherDep, ReconcilerDep, SettingsDep, StoreDep
 from services.models import IllegalTransition, JobList, JobPublic, JobState
-from services.reconciler import ID_PATTERN
 from services.store import JobNotFound
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -26,7 +26,7 @@ def _field_error(loc: list[str], msg: str) -> HTTPException:
 
 
 def _job(store: StoreDep, job_id: str) -> JobPublic:
-    if not ID_PATTERN.match(job_id):
+    if not valid_name(job_id):  # job ids follow the dataset-name rule; anything else cannot exist
         raise HTTPException(404, f"no job {job_id!r}")
     try:
         return store.get(job_id)
