@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 ENDPOINT_ENV = "DISTILLERY_S3_ENDPOINT"
-_TEMP = re.compile(r"\.tmp-[0-9a-f]{32}$")
+_TEMP = re.compile(r"\.tmp-[0-9a-f]{32}\Z")  # \Z, not $: "x.tmp-…\n" is not ours to delete
 
 
 class StorageError(ValueError):

@@ -41,7 +41,7 @@ def _read(model: type[M], store: Store, name: str) -> tuple[M | None, str | None
             return None, f"{model.FILE} is not a regular file of at most {MAX_META_BYTES} bytes"
         return model.parse(store.read_bytes(path), where=model.FILE), None
     except DatasetFileError as exc:
-        log.warning("dataset %s: %s", name, exc)
+        log.debug("dataset %s: %s", name, exc)  # shown to clients as the dataset's problem
         return None, str(exc)
     except (OSError, StorageError) as exc:
         return None, f"{model.FILE} unreadable: {exc}"
@@ -95,7 +95,8 @@ def get_dataset(store_uri: str, name: str) -> DatasetDetail | None:
     except (OSError, StorageError):
         return None
     summary, manifest, progress = _summary(store, store_uri, name)
-    if manifest is None and progress is None and not any(f.path.endswith(f"/{JOB}") for f in files):
+    has_job = any(f.path.endswith(f"/{JOB}") for f in files)
+    if manifest is None and progress is None and not summary.problem and not has_job:
         return None
     return DatasetDetail(**dict(summary), manifest=manifest, files=len(files), bytes_on_disk=sum(f.size for f in files),
                          progress=JobProgress.from_progress(progress) if progress is not None else None)

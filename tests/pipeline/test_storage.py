@@ -178,3 +178,10 @@ def test_s3_endpoint_from_environment(s3_endpoint, monkeypatch):
     assert store.root == bucket and store.uri == f"s3://{bucket}"
     store.write_bytes_atomic("top.txt", b"at the bucket root")
     assert store.list() == [FileEntry("top.txt", 18)]
+
+
+def test_only_exact_temp_names_are_cleaned_up(tmp_path):
+    store = Store.from_uri(str(tmp_path))
+    lookalike = f"ds/part-00000.parquet.tmp-{uuid.uuid4().hex}\n"  # not a name our writers make
+    store.write_bytes_atomic(lookalike, b"keep")
+    assert store.cleanup_temp("ds") == 0 and [e.path for e in store.list("ds")] == [lookalike]

@@ -303,3 +303,71 @@ def test_healthz(client):
     health = client.get("/healthz").json()
     assert health == {"status": "ok", "ray_address": "http://ray.invalid:8265", "ray_embedded": False,
                       "ray_reachable": True, "jobs_active": 0}
+
+
+# Names a client could use to reach a directory other than the one it names (or one a person cannot tell apart).
+BAD_NAMES = ["abc\n", "abc\r", "a/b", "..", "", "x" * 129, "аbc", "ａbc"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+def test_bad_dataset_names_in_a_body_get_422(client, settings, name):
+    r = submit(client, settings, dataset=name)
+    assert r.status_code == 422, r.text
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", "output", "dataset"]]
+    assert client.get("/v1/jobs").json()["count"] == 0
+    assert not any(Path(settings.default_store).glob("*")) if Path(settings.default_store).exists() else True
+
+
+def test_a_directory_with_a_newline_in_its_name_is_never_served(client, settings):
+    root = Path(settings.default_store)
+    make_dataset(root, "abc", complete=True)
+    (root / "abc").rename(root / "abc\n")  # e.g. written by an older version that accepted the name
+    assert client.get("/v1/datasets").json()["count"] == 0
+    for path in ("abc%0A", "abc%0D", "abc%0D%0A"):
+        assert client.get(f"/v1/datasets/{path}").status_code == 422
+
+
+def test_job_ids_are_matched_whole(client, settings, fake_ray, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(spec_body(settings.default_store, dataset="direct")))
+    fake_ray.ray_jobs["raysubmit_x\n"] = RayJob("raysubmit_x\n", "RUNNING", f"python -m pipeline run {spec}",
+                                                 None, 1.7e9, None)
+    client.app.state.reconciler.sync()
+    assert client.get("/v1/jobs").json()["count"] == 0  # not recorded under a name no route could reach
+    job_id = submit(client, settings).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+    assert client.get(f"/v1/jobs/{job_id}%0A").status_code == 404
+    assert client.post(f"/v1/jobs/{job_id}%0A/cancel", headers=AUTH).status_code == 404
+
+
+def test_dataset_files_of_an_unknown_version_are_reported_not_misread(client, settings, fake_ray):
+    root = Path(settings.default_store)
+    make_dataset(root, "future", complete=True)
+    manifest = json.loads((root / "future" / "_manifest.json").read_text())
+    (root / "future" / "_manifest.json").write_text(json.dumps(manifest | {"manifest_version": 2}))
+    detail = client.get("/v1/datasets/future").json()
+    assert not detail["complete"] and detail["manifest"] is None
+    assert "manifest_version 2" in detail["problem"] and "reads version 1" in detail["problem"]
+    [summary] = client.get("/v1/datasets").json()["data"]
+    assert summary["name"] == "future" and "manifest_version 2" in summary["problem"]
+    # A progress file the service cannot read does not overwrite what the job last showed.
+    job_id = submit(client, settings, dataset="soon").json()["id"]
+    fake_ray.ray_jobs[job_id].status = "RUNNING"
+    write_progress(settings, "soon", shards_done=2, examples_done=50)
+    client.app.state.reconciler.sync()
+    assert client.get(f"/v1/jobs/{job_id}").json()["progress"]["shards_done"] == 2
+    progress = json.loads((root / "soon" / "_progress.json").read_text())
+    (root / "soon" / "_progress.json").write_text(json.dumps(progress | {"progress_version": 2, "shards_done": 3}))
+    client.app.state.reconciler.sync()
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "running" and job["progress"]["shards_done"] == 2
+    assert "progress_version 2" in client.get("/v1/datasets/soon").json()["problem"]
+
+
+def test_openapi_documents_the_manifest_and_progress_models(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    detail = schemas["DatasetDetail"]["properties"]
+    assert "$ref" in json.dumps(detail["manifest"]) and "Manifest" in json.dumps(detail["manifest"])
+    manifest = set(schemas["Manifest"]["properties"])
+    assert {"manifest_version", "counts", "shards", "dataset_hash", "tokenizer"} <= manifest
+    assert {"progress_version", "state", "shards_done", "percent"} <= set(schemas["JobProgress"]["properties"])
