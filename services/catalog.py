@@ -44,7 +44,8 @@ def _read(model: type[M], store: Store, name: str) -> tuple[M | None, str | None
         log.debug("dataset %s: %s", name, exc)  # shown to clients as the dataset's problem
         return None, str(exc)
     except (OSError, StorageError) as exc:
-        return None, f"{model.FILE} unreadable: {exc}"
+        log.debug("dataset %s: %s", name, exc)  # the error names server paths: not for clients
+        return None, f"{model.FILE} cannot be read"
 
 
 def read_progress(store: Store, name: str) -> JobProgress | None:

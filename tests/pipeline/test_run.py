@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pipeline import schema
+from pipeline.dataset import DatasetFileError, Progress
 from pipeline.run import JobError, run_job
 from pipeline.spec import JobSpec
 from tests.conftest import make_bucket
@@ -83,6 +84,7 @@ def test_job_writes_shards_manifest_and_rejects(ray_local, corpus, tiny_teacher,
     progress = json.loads((ds / "_progress.json").read_text())
     assert progress["progress_version"] == 1 and progress["state"] == "succeeded"
     assert progress["shards_done"] == progress["shards_total"] == 3
+    assert Progress.parse((ds / "_progress.json").read_bytes()) == updates[-1]
     assert [u.shards_done for u in updates][-1] == 3 and updates[-1].examples_done == 60
 
 
@@ -100,10 +102,16 @@ def test_rerun_skips_complete_shards_and_redoes_damaged_ones(ray_local, corpus, 
 
 
 def test_dataset_made_from_other_inputs_is_refused(ray_local, corpus, tiny_teacher, tmp_path):
-    run_job(make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path))
+    spec = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path)
+    run_job(spec)
     other = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path, targets={"top_k": 5})
     with pytest.raises(JobError, match="other inputs"):
         run_job(other)
+    # A _job.json written by a newer version is not guessed at: the same spec is refused, naming the version.
+    job = json.loads((tmp_path / "ds" / "_job.json").read_text())
+    (tmp_path / "ds" / "_job.json").write_text(json.dumps(job | {"job_version": 2}))
+    with pytest.raises(DatasetFileError, match="job_version 2"):
+        run_job(spec)
 
 
 def test_killed_worker_is_retried_and_dataset_complete(ray_local, corpus, tiny_teacher, tmp_path):

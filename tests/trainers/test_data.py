@@ -64,5 +64,8 @@ def test_vocabulary_mismatch_and_schema_version_are_refused(tiny_distilled, tiny
     (tmp_path / "store" / "old" / "_manifest.json").write_text(json.dumps(manifest | {"schema_version": 99}))
     with pytest.raises(DatasetError, match="schema version 99"):
         DistilledDataset(str(tmp_path / "store"), "old", tokenizer=tiny_tokenizer)
+    (tmp_path / "store" / "old" / "_manifest.json").write_text(json.dumps(manifest | {"manifest_version": 2}))
+    with pytest.raises(DatasetError, match="manifest_version 2; this distillery reads version 1"):
+        DistilledDataset(str(tmp_path / "store"), "old", tokenizer=tiny_tokenizer)
     with pytest.raises(DatasetError, match="no complete dataset"):
         DistilledDataset(str(tmp_path / "store"), "missing", tokenizer=tiny_tokenizer)
