@@ -40,7 +40,6 @@ MANIFEST = "_manifest.json"
 PROGRESS = "_progress.json"
 JOB = "_job.json"
 REJECTS = "_rejects.jsonl"
-SHARD_GLOB = "part-*.parquet"  # the shard files, for readers that open the directory by pattern
 
 
 def valid_name(value: object) -> bool:

@@ -21,7 +21,7 @@ import pyarrow.dataset as pads
 import torch
 
 from pipeline import schema
-from pipeline.dataset import MANIFEST, DatasetFileError, Manifest
+from pipeline.dataset import MANIFEST, DatasetFileError, Manifest, check_name
 from pipeline.storage import Store
 from pipeline.tokenizer import Tokenizer
 from trainers.batching import token_batches
@@ -83,8 +83,11 @@ class DistilledDataset:
             tokenizer: the student's tokenizer; its vocabulary hash must equal the teacher's.
             max_rank: keep hypotheses with ``hyp_rank < max_rank`` (e.g. 1 = 1-best only).
         """
+        try:
+            self.name = check_name(name)
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from None
         self.store = Store.from_uri(store_uri, endpoint_override=endpoint)
-        self.name = name
         try:
             manifest = Manifest.read(self.store, name)
         except DatasetFileError as exc:

@@ -69,3 +69,7 @@ def test_vocabulary_mismatch_and_schema_version_are_refused(tiny_distilled, tiny
         DistilledDataset(str(tmp_path / "store"), "old", tokenizer=tiny_tokenizer)
     with pytest.raises(DatasetError, match="no complete dataset"):
         DistilledDataset(str(tmp_path / "store"), "missing", tokenizer=tiny_tokenizer)
+    (tmp_path / "store" / "old" / "_manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "store" / "old").rename(tmp_path / "store" / "old\n")  # a complete dataset under a bad name
+    with pytest.raises(DatasetError, match="invalid dataset name"):
+        DistilledDataset(str(tmp_path / "store"), "old\n", tokenizer=tiny_tokenizer)
