@@ -347,7 +347,7 @@ def check_dockerfile(path: Path) -> list[str]:
         problems.append(f"{path.name}: the final stage must end on a non-root USER")
     for w, a in final:
         if w == "ENV":
-            for lib in re.findall(r"/opt/venv/lib/(python[\d.]+)/", a):
+            for lib in re.findall(r"/lib/(python[\d.]+)/", a):
                 if lib != "python3.11":
                     problems.append(f"{path.name}: {lib} in ENV, the image's Python is 3.11")
     return problems

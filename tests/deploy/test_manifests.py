@@ -296,7 +296,8 @@ def images() -> list[tuple[str, dict]]:
     out = []
     for _, doc in OBJECTS:
         for _, template in m.pod_templates(doc):
-            out += [(c["image"], c) for c in m.containers(template)]
+            pods = m.containers(template) + list(template["spec"].get("initContainers", []))
+            out += [(c["image"], c) for c in pods]
     config = m.load_all(m.DEPLOY / "cluster" / "aws.yaml")[0]
     out.append((config["docker"]["image"], {}))
     out += [(t["docker"]["worker_image"], {"resources": {"limits": {"nvidia.com/gpu": 1}}})
