@@ -26,21 +26,22 @@ console = Console(stderr=True)
 
 
 def friendly_errors(fn):
-    """Turns the project's validation errors into a one-paragraph message and exit code 2."""
+    """Ends a command by the one exit-status policy of ``pipeline.errors``: ``error: …`` and 2 for invalid input,
+    1 for a failure mid-run, never a traceback (``DISTILLERY_DEBUG=1`` shows it)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pydantic import ValidationError
-
-        from pipeline.config import format_validation_error
+        from pipeline.errors import exit_code, message
 
         try:
             return fn(*args, **kwargs)
-        except ValidationError as exc:
-            console.print(f"[red]error:[/] invalid settings:\n{format_validation_error(exc)}")
-        except (ValueError, FileNotFoundError, PermissionError) as exc:
-            console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if os.environ.get("DISTILLERY_DEBUG") == "1":
+                raise
+            console.print(f"[red]error:[/] {message(exc)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exit_code(exc)) from None
 
     return wrapper
 
@@ -181,11 +182,14 @@ def distill(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pipeline.config import load_config
-    from pipeline.run import run_job
+    from pipeline.run import plan_job, run_job
     from pipeline.spec import JobSpec
 
     quiet_libraries()
     job = load_config(spec, JobSpec)
+    plan = plan_job(job)  # every input checked before the bar is drawn or anything is written
+    for warning in plan.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} shards"),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
@@ -197,7 +201,7 @@ def distill(
             bar.update(task, total=p.shards_total, completed=p.shards_done,
                        rate=f"{p.tokens_per_s:,.0f} tok/s" if p.tokens_per_s else "")
 
-        manifest = run_job(job, address=address, on_progress=update)
+        manifest = run_job(job, address=address, on_progress=update, plan=plan)
     counts, p = manifest["counts"], last["progress"]
     console.print(
         f"dataset [bold]{manifest['dataset']}[/] → {job.output.store}/{job.output.dataset}\n"
@@ -208,6 +212,8 @@ def distill(
         f"  rejected {sum(counts['rejected'].values()):,} {counts['rejected'] or ''}\n"
         f"  dataset hash {manifest['dataset_hash']}"
     )
+    for warning in plan.warnings:  # again, where the summary is read
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command("train")
@@ -264,7 +270,7 @@ def evaluate(
 ) -> None:
     """Decode a test set with CTranslate2 and print sacrebleu BLEU and chrF with their signatures."""
     from pipeline.corpus import read_corpus
-    from pipeline.evaluate import score, translate
+    from pipeline.evaluate import record_evaluation, score, teacher_warning, translate
     from pipeline.tokenizer import Tokenizer
 
     quiet_libraries()
@@ -274,15 +280,19 @@ def evaluate(
     tok = Tokenizer.load(tokenizer or model)
     sources = corpus.table.column("source").to_pylist()
     hyps = translate(model, tok, sources, beam_size=beam_size, compute_type=compute_type, threads=threads)
-    scores = score(hyps, corpus.table.column("target").to_pylist())
+    refs = corpus.table.column("target").to_pylist()
+    scores, baseline = score(hyps, refs), score(sources, refs)  # baseline: copy the source, untranslated
     out = hypotheses or model / f"hyps.{test.stem}.txt"
     out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    record = record_evaluation(model, test=str(test), model=scores, copy_baseline=baseline, beam_size=beam_size)
     if json_out:
-        print(json.dumps(scores.as_dict()))
+        print(json.dumps(scores.as_dict() | {"copy_baseline": baseline.as_dict()}))
     else:
-        console.print(f"BLEU {scores.bleu:.2f}  ({scores.bleu_signature})")
-        console.print(f"chrF {scores.chrf:.2f}  ({scores.chrf_signature})")
-        console.print(f"{scores.sentences:,} hypotheses → {out}")
+        console.print(f"BLEU {scores.bleu:.2f}  (copy the source: {baseline.bleu:.2f})  ({scores.bleu_signature})")
+        console.print(f"chrF {scores.chrf:.2f}  (copy the source: {baseline.chrf:.2f})  ({scores.chrf_signature})")
+        console.print(f"{scores.sentences:,} hypotheses → {out}; scores recorded in {record}")
+    if warning := teacher_warning(model):
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command("demo")
@@ -464,7 +474,27 @@ def jobs_cancel(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
 
 
 def main() -> None:  # pragma: no cover - console entry
-    sys.exit(app())
+    """Runs the app; usage errors (a missing option, a bad value) end like every other error: `error: …`, 2."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer vendors click
+
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # a bare group: its help, as typer would show it
+        console.print(exc.ctx.get_help() if exc.ctx else exc.format_message(), highlight=False, markup=False)
+        code = exc.exit_code
+    except UsageError as exc:
+        if exc.ctx is not None:
+            console.print(f"{exc.ctx.get_usage()}\nTry '{exc.ctx.command_path} --help' for help.", markup=False,
+                          highlight=False)
+        console.print(f"[red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+        code = exc.exit_code
+    except ClickException as exc:
+        console.print(f"[red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+        code = exc.exit_code
+    except typer.Abort:
+        console.print("aborted")
+        code = 1
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,10 +9,12 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pipeline.errors import InputError
+
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file is missing, not YAML/JSON, or fails validation (every field error listed)."""
 
 

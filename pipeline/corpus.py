@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from pipeline.errors import InputError
+
 log = logging.getLogger(__name__)
 
 CORPUS_SCHEMA = pa.schema(
@@ -41,7 +43,7 @@ CORPUS_SCHEMA = pa.schema(
 SNIPPET_CHARS = 200  # per field of a reject entry: enough to find the line, small on disk
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """The corpus cannot be read at all (single bad records are rejected instead)."""
 
 

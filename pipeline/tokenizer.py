@@ -19,10 +19,12 @@ from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 
+from pipeline.errors import InputError
+
 EOS, UNK, PAD = "</s>", "<unk>", "<pad>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer directory is missing, unreadable or does not match a model."""
 
 
