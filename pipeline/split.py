@@ -22,7 +22,7 @@ SPLITS: tuple[Split, ...] = ("train", "valid", "test")
 class SplitSpec(BaseModel):
     """How to split; the same spec always gives the same split."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     valid_fraction: float = Field(default=0.03, ge=0.0, le=1.0)  # expected share of groups
     test_fraction: float = Field(default=0.05, ge=0.0, le=1.0)  # expected share of groups
