@@ -107,6 +107,10 @@ def data_prepare(
     rejected = sum(result.rejected.values())
     console.print(f"read {result.total:,} pairs, rejected {rejected:,} {result.rejected or ''}")
     console.print("splits: " + ", ".join(f"{k} {v:,}" for k, v in result.counts.items()) + f" → {out}")
+    dup = result.duplicates
+    console.print(f"repeats: {dup['sources']:,} pairs repeat an earlier source ({dup['pairs']:,} the whole pair); "
+                  f"kept in one split with it ({dup['merged_groups']:,} id groups joined)"
+                  + ("" if dedupe else "; --dedupe drops repeated pairs"))
     if rejected:
         console.print(f"rejects with line numbers and reasons: {out / 'rejects.jsonl'}")
 
