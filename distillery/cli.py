@@ -13,8 +13,38 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-app = typer.Typer(help="Build knowledge-distillation corpora with a CTranslate2 teacher and train students.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+class _App(typer.Typer):
+    """The front door: usage errors (a missing option, a bad value) end like every other error, with ``error: …``
+    and exit status 2 (typer would draw an "Error" box), so one policy holds from argument parsing on."""
+
+    def __call__(self, *args, **kwargs):
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer vendors click
+
+        if kwargs.get("standalone_mode", True) is False:
+            return super().__call__(*args, **kwargs)
+        try:
+            code = super().__call__(*args, **kwargs, standalone_mode=False)
+        except NoArgsIsHelpError as exc:  # a bare group: its help, as typer would show it
+            console.print(exc.ctx.get_help() if exc.ctx else exc.format_message(), highlight=False, markup=False)
+            code = exc.exit_code
+        except UsageError as exc:
+            if exc.ctx is not None:
+                console.print(f"{exc.ctx.get_usage()}\nTry '{exc.ctx.command_path} --help' for help.", markup=False,
+                              highlight=False)
+            console.print(f"[red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+            code = exc.exit_code
+        except ClickException as exc:
+            console.print(f"[red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+            code = exc.exit_code
+        except typer.Abort:
+            console.print("aborted")
+            code = 1
+        sys.exit(code or 0)
+
+
+app = _App(help="Build knowledge-distillation corpora with a CTranslate2 teacher and train students.",
+           no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Corpora: prepare (validate + split) and rebuild the bundled one.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="The shared subword vocabulary.", no_args_is_help=True)
 teacher_app = typer.Typer(help="Train a Marian teacher.", no_args_is_help=True)
@@ -478,27 +508,7 @@ def jobs_cancel(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
 
 
 def main() -> None:  # pragma: no cover - console entry
-    """Runs the app; usage errors (a missing option, a bad value) end like every other error: `error: …`, 2."""
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer vendors click
-
-    try:
-        code = app(standalone_mode=False)
-    except NoArgsIsHelpError as exc:  # a bare group: its help, as typer would show it
-        console.print(exc.ctx.get_help() if exc.ctx else exc.format_message(), highlight=False, markup=False)
-        code = exc.exit_code
-    except UsageError as exc:
-        if exc.ctx is not None:
-            console.print(f"{exc.ctx.get_usage()}\nTry '{exc.ctx.command_path} --help' for help.", markup=False,
-                          highlight=False)
-        console.print(f"[red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
-        code = exc.exit_code
-    except ClickException as exc:
-        console.print(f"[red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
-        code = exc.exit_code
-    except typer.Abort:
-        console.print("aborted")
-        code = 1
-    sys.exit(code or 0)
+    sys.exit(app())
 
 
 if __name__ == "__main__":  # pragma: no cover
