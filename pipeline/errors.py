@@ -49,14 +49,14 @@ def message(exc: BaseException) -> str:
         return f"invalid settings:\n{format_validation_error(exc)}"
     if isinstance(exc, RunError):
         cause = exc.__cause__
-        detail = f" ({type(cause).__name__}: {_first_line(cause)})" if cause and str(cause) != str(exc) else ""
+        detail = f" ({type(cause).__name__}: {_last_line(cause)})" if cause and str(cause) != str(exc) else ""
         return f"job failed: {exc}{detail}"
     if exit_code(exc) == EXIT_INVALID:
         return str(exc)
-    return f"failed: {type(exc).__name__}: {_first_line(exc)}"
+    return f"failed: {type(exc).__name__}: {_last_line(exc)}"
 
 
-def _first_line(exc: BaseException) -> str:
+def _last_line(exc: BaseException) -> str:
     """Ray wraps worker errors in multi-line tracebacks; the last non-empty line names the cause."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(exc).__name__
