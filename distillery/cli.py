@@ -318,13 +318,17 @@ def evaluate(
     scores, baseline = score(hyps, refs), score(sources, refs)  # baseline: copy the source, untranslated
     out = hypotheses or model / f"hyps.{test.stem}.txt"
     out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    record = record_evaluation(model, test=str(test), model=scores, copy_baseline=baseline, beam_size=beam_size)
+    try:
+        path = record_evaluation(model, test=str(test), model=scores, copy_baseline=baseline, beam_size=beam_size)
+        record = f"scores recorded in {path}"
+    except OSError as exc:  # a read-only model directory: the scores are still printed
+        record = f"scores not recorded next to the model ({exc})"
     if json_out:
         print(json.dumps(scores.as_dict() | {"copy_baseline": baseline.as_dict()}))
     else:
         console.print(f"BLEU {scores.bleu:.2f}  (copy the source: {baseline.bleu:.2f})  ({scores.bleu_signature})")
         console.print(f"chrF {scores.chrf:.2f}  (copy the source: {baseline.chrf:.2f})  ({scores.chrf_signature})")
-        console.print(f"{scores.sentences:,} hypotheses → {out}; scores recorded in {record}")
+        console.print(f"{scores.sentences:,} hypotheses → {out}; {record}")
     if warning := teacher_warning(model):
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
