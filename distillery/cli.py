@@ -13,8 +13,38 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-app = typer.Typer(help="Build knowledge-distillation corpora with a CTranslate2 teacher and train students.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+class _App(typer.Typer):
+    """The front door: usage errors (a missing option, a bad value) end like every other error, with ``error: …``
+    and exit status 2 (typer would draw an "Error" box), so one policy holds from argument parsing on."""
+
+    def __call__(self, *args, **kwargs):
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer vendors click
+
+        if kwargs.get("standalone_mode", True) is False:
+            return super().__call__(*args, **kwargs)
+        try:
+            code = super().__call__(*args, **kwargs, standalone_mode=False)
+        except NoArgsIsHelpError as exc:  # a bare group: its help, as typer would show it
+            console.print(exc.ctx.get_help() if exc.ctx else exc.format_message(), highlight=False, markup=False)
+            code = exc.exit_code
+        except UsageError as exc:
+            if exc.ctx is not None:
+                console.print(f"{exc.ctx.get_usage()}\nTry '{exc.ctx.command_path} --help' for help.", markup=False,
+                              highlight=False)
+            console.print(f"[red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+            code = exc.exit_code
+        except ClickException as exc:
+            console.print(f"[red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+            code = exc.exit_code
+        except typer.Abort:
+            console.print("aborted")
+            code = 1
+        sys.exit(code or 0)
+
+
+app = _App(help="Build knowledge-distillation corpora with a CTranslate2 teacher and train students.",
+           no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Corpora: prepare (validate + split) and rebuild the bundled one.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="The shared subword vocabulary.", no_args_is_help=True)
 teacher_app = typer.Typer(help="Train a Marian teacher.", no_args_is_help=True)
@@ -26,21 +56,22 @@ console = Console(stderr=True)
 
 
 def friendly_errors(fn):
-    """Turns the project's validation errors into a one-paragraph message and exit code 2."""
+    """Ends a command by the one exit-status policy of ``pipeline.errors``: ``error: …`` and 2 for invalid input,
+    1 for a failure mid-run, never a traceback (``DISTILLERY_DEBUG=1`` shows it)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pydantic import ValidationError
-
-        from pipeline.config import format_validation_error
+        from pipeline.errors import exit_code, message
 
         try:
             return fn(*args, **kwargs)
-        except ValidationError as exc:
-            console.print(f"[red]error:[/] invalid settings:\n{format_validation_error(exc)}")
-        except (ValueError, FileNotFoundError, PermissionError) as exc:
-            console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if os.environ.get("DISTILLERY_DEBUG") == "1":
+                raise
+            console.print(f"[red]error:[/] {message(exc)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exit_code(exc)) from None
 
     return wrapper
 
@@ -106,6 +137,10 @@ def data_prepare(
     rejected = sum(result.rejected.values())
     console.print(f"read {result.total:,} pairs, rejected {rejected:,} {result.rejected or ''}")
     console.print("splits: " + ", ".join(f"{k} {v:,}" for k, v in result.counts.items()) + f" → {out}")
+    dup = result.duplicates
+    console.print(f"repeats: {dup['sources']:,} pairs repeat an earlier source ({dup['pairs']:,} the whole pair); "
+                  f"kept in one split with it ({dup['merged_groups']:,} id groups joined)"
+                  + ("" if dedupe else "; --dedupe drops repeated pairs"))
     if rejected:
         console.print(f"rejects with line numbers and reasons: {out / 'rejects.jsonl'}")
 
@@ -181,11 +216,14 @@ def distill(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pipeline.config import load_config
-    from pipeline.run import run_job
+    from pipeline.run import plan_job, run_job
     from pipeline.spec import JobSpec
 
     quiet_libraries()
     job = load_config(spec, JobSpec)
+    plan = plan_job(job)  # every input checked before the bar is drawn or anything is written
+    for warning in plan.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} shards"),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
@@ -197,7 +235,7 @@ def distill(
             bar.update(task, total=p.shards_total, completed=p.shards_done,
                        rate=f"{p.tokens_per_s:,.0f} tok/s" if p.tokens_per_s else "")
 
-        manifest = run_job(job, address=address, on_progress=update)
+        manifest = run_job(job, address=address, on_progress=update, plan=plan)
     counts, p = manifest.counts, last["progress"]
     console.print(
         f"dataset [bold]{manifest.dataset}[/] → {job.output.store}/{job.output.dataset}\n"
@@ -208,6 +246,8 @@ def distill(
         f"  rejected {sum(counts.rejected.values()):,} {counts.rejected or ''}\n"
         f"  dataset hash {manifest.dataset_hash}"
     )
+    for warning in plan.warnings:  # again, where the summary is read
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command("train")
@@ -264,7 +304,7 @@ def evaluate(
 ) -> None:
     """Decode a test set with CTranslate2 and print sacrebleu BLEU and chrF with their signatures."""
     from pipeline.corpus import read_corpus
-    from pipeline.evaluate import score, translate
+    from pipeline.evaluate import record_evaluation, score, teacher_warning, translate
     from pipeline.tokenizer import Tokenizer
 
     quiet_libraries()
@@ -274,15 +314,23 @@ def evaluate(
     tok = Tokenizer.load(tokenizer or model)
     sources = corpus.table.column("source").to_pylist()
     hyps = translate(model, tok, sources, beam_size=beam_size, compute_type=compute_type, threads=threads)
-    scores = score(hyps, corpus.table.column("target").to_pylist())
+    refs = corpus.table.column("target").to_pylist()
+    scores, baseline = score(hyps, refs), score(sources, refs)  # baseline: copy the source, untranslated
     out = hypotheses or model / f"hyps.{test.stem}.txt"
     out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    try:
+        path = record_evaluation(model, test=str(test), model=scores, copy_baseline=baseline, beam_size=beam_size)
+        record = f"scores recorded in {path}"
+    except OSError as exc:  # a read-only model directory: the scores are still printed
+        record = f"scores not recorded next to the model ({exc})"
     if json_out:
-        print(json.dumps(scores.as_dict()))
+        print(json.dumps(scores.as_dict() | {"copy_baseline": baseline.as_dict()}))
     else:
-        console.print(f"BLEU {scores.bleu:.2f}  ({scores.bleu_signature})")
-        console.print(f"chrF {scores.chrf:.2f}  ({scores.chrf_signature})")
-        console.print(f"{scores.sentences:,} hypotheses → {out}")
+        console.print(f"BLEU {scores.bleu:.2f}  (copy the source: {baseline.bleu:.2f})  ({scores.bleu_signature})")
+        console.print(f"chrF {scores.chrf:.2f}  (copy the source: {baseline.chrf:.2f})  ({scores.chrf_signature})")
+        console.print(f"{scores.sentences:,} hypotheses → {out}; {record}")
+    if warning := teacher_warning(model):
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command("demo")

@@ -34,9 +34,9 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, studen
              student_size: str, console: Console) -> dict:
     """Runs (or resumes) the demo in ``workdir``; returns and prints the results table."""
     from pipeline.bundled import BUNDLED_SPLIT, bundled_corpus_spec
-    from pipeline.evaluate import score, translate
+    from pipeline.evaluate import record_evaluation, score, translate
     from pipeline.prepare import load_prepared, prepare
-    from pipeline.run import run_job
+    from pipeline.run import plan_job, run_job
     from pipeline.tokenizer import Tokenizer, train_tokenizer
     from trainers.export import export_ct2
     from trainers.loop import OptimConfig
@@ -83,6 +83,8 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, studen
     (workdir / "teacher.test.hyp.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     teacher = score(hyps, refs)
     baseline = score(sources, refs)  # trivial baseline: copy the German source
+    # Recorded next to the model, as `distillery eval` does: the distillations below warn if the teacher is weaker.
+    record_evaluation(teacher_ct2, test=str(prepared.path("test")), model=teacher, copy_baseline=baseline, beam_size=4)
 
     results = {
         "teacher": {**teacher.as_dict(), "steps": state.step, "train_minutes": round(state.elapsed_s / 60, 1),
@@ -96,7 +98,11 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, studen
     for step, (mode, what) in enumerate([("teacher_forcing", "teacher-forced top-8 along the references"),
                                          ("beam", "beam-4 translations + their teacher-forced top-8")], start=6):
         console.print(f"[bold]{step}/{STEPS} distill[/]: {what}, training split (local Ray)")
-        manifest = run_job(demo_distill_spec(workdir, prepared.path("train"), teacher_ct2, mode))
+        spec = demo_distill_spec(workdir, prepared.path("train"), teacher_ct2, mode)
+        plan = plan_job(spec)
+        for warning in plan.warnings:
+            console.print(f"    [bold yellow]warning:[/] {warning}", highlight=False)
+        manifest = run_job(spec, plan=plan)
         counts = manifest.counts
         console.print(f"    {counts.examples:,} examples, {counts.target_tokens:,} target tokens, "
                       f"{counts.bytes / counts.target_tokens:.1f} bytes/token, {len(manifest.shards)} "

@@ -1,7 +1,8 @@
 """``python -m pipeline run SPEC``: the entrypoint ``ray job submit`` and the service launch.
 
-Prints one JSON line per progress update and exits 0 on success, 2 on invalid input (message on stderr),
-1 on a failure during the run. ``RAY_ADDRESS`` (set by ``ray job submit``) selects the cluster.
+Prints one JSON line per progress update and exits by the policy of ``pipeline.errors``: 0 on success, 2 on
+invalid input, 1 on a failure during the run (``error: …`` on stderr, no traceback). ``RAY_ADDRESS`` (set by
+``ray job submit``) selects the cluster.
 """
 
 from __future__ import annotations
@@ -19,21 +20,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or embedded)")
     args = parser.parse_args(argv)
 
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config
+    from pipeline.errors import report
     from pipeline.spec import JobSpec
 
     try:
         spec = load_config(args.spec, JobSpec)
-        from pipeline.run import run_job
+        from pipeline.run import plan_job, run_job
 
-        manifest = run_job(spec, address=args.address,
+        plan = plan_job(spec)
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        manifest = run_job(spec, address=args.address, plan=plan,
                            on_progress=lambda p: print(json.dumps({"progress": p.model_dump(mode="json")}), flush=True))
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a failure mid-run: say what failed, leave the traceback to the logs
-        print(f"error: job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # the one policy (pipeline.errors): `error: …`, 2 invalid input, 1 failed mid-run
+        return report(exc)
     summary = manifest.model_dump(mode="json", include={"dataset", "dataset_hash", "counts"})
     print(json.dumps({"manifest": summary}), flush=True)
     return 0

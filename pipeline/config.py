@@ -8,11 +8,14 @@ from typing import TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from pipeline.errors import InputError
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file is missing, not YAML/JSON, or fails validation (every field error listed)."""
 
 
@@ -23,6 +26,24 @@ def format_validation_error(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "(root)"
         lines.append(f"  {where}: {err['msg']}")
     return "\n".join(lines)
+
+
+def raise_problems(model: type[BaseModel] | BaseModel, problems: list[tuple[str, str]]) -> None:
+    """Raises every cross-field problem of a model at once, each under its field, so a person fixes them in one go.
+
+    Raised from a ``model_validator``, pydantic merges them with the other field errors of the same validation.
+
+    Args:
+        model: the model (class or instance) whose validator found the problems.
+        problems: ``(field, message)`` pairs; nothing is raised when empty.
+    """
+    if not problems:
+        return
+    cls = model if isinstance(model, type) else type(model)
+    details = [InitErrorDetails(type=PydanticCustomError("value_error", "{problem}", {"problem": msg}), loc=(field,),
+                                input=getattr(model, field, None))
+               for field, msg in problems]
+    raise ValidationError.from_exception_data(cls.__name__, details)
 
 
 def load_config(path: str | Path, model: type[M], **overrides) -> M:

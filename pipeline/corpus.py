@@ -8,16 +8,22 @@ A bad record never stops the run: it is counted and, with a rejects path, writte
 object (``line``, ``id`` when known, ``reason``, ``source``/``target`` or the ``raw`` line, each cut
 to 200 characters). A rejected record gets exactly one reason, the first failing check of:
 
-1. ``invalid_utf8``  a line is not UTF-8 (text format: on either side)
+1. ``invalid_utf8``  a line is not valid text in its file's encoding (text format: on either side)
 2. ``malformed``     wrong TSV field count; JSONL line not an object, lacking a column or holding a
                      non-string value; missing or empty id
-3. ``duplicate_id``  the id was used by an earlier record
-4. ``empty_source``, 5. ``empty_target`` (a Parquet null is empty)
-6. ``too_long``      over ``max_words`` or ``max_chars`` on either side
-7. ``length_ratio``  longer/shorter side in words over ``max_length_ratio``
-8. ``duplicate``     same (source, target) as an earlier kept record (only with ``dedupe``)
+3. ``control_char``  id, source or target holds a control character (NUL, ESC, a line break inside a
+                     JSONL value, C1 controls, …); tab is ordinary whitespace
+4. ``duplicate_id``  the id was used by an earlier record
+5. ``empty_source``, 6. ``empty_target`` (a Parquet null is empty)
+7. ``too_long``      over ``max_words`` or ``max_chars`` on either side
+8. ``length_ratio``  longer/shorter side in words over ``max_length_ratio``
+9. ``duplicate``     same (source, target) as an earlier kept record (only with ``dedupe``)
+
+Text files are UTF-8 unless they start with a byte-order mark: UTF-8, UTF-16 LE/BE and UTF-32 LE/BE
+files with their mark are decoded as such (a UTF-16 file without one shows as NUL bytes: ``control_char``).
 """
 
+import codecs
 import contextlib
 import json
 import logging
@@ -33,6 +39,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from pipeline.config import raise_problems
+from pipeline.errors import InputError
+
 log = logging.getLogger(__name__)
 
 CORPUS_SCHEMA = pa.schema(
@@ -41,7 +50,7 @@ CORPUS_SCHEMA = pa.schema(
 SNIPPET_CHARS = 200  # per field of a reject entry: enough to find the line, small on disk
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """The corpus cannot be read at all (single bad records are rejected instead)."""
 
 
@@ -57,6 +66,7 @@ class RejectReason(StrEnum):
 
     INVALID_UTF8 = "invalid_utf8"
     MALFORMED = "malformed"
+    CONTROL_CHAR = "control_char"
     DUPLICATE_ID = "duplicate_id"
     EMPTY_SOURCE = "empty_source"
     EMPTY_TARGET = "empty_target"
@@ -67,6 +77,7 @@ class RejectReason(StrEnum):
 
 _TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view())
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # Unicode category Cc except tab
 _EXTENSIONS = {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
@@ -90,12 +101,14 @@ class CorpusSpec(BaseModel):
     @model_validator(mode="after")
     def _check_text_files(self) -> "CorpusSpec":
         is_text = self.format is CorpusFormat.TEXT or (self.format is None and self.target_path)
+        problems = []
         if is_text and not self.target_path:
-            raise ValueError("format 'text' needs target_path, the file aligned line by line")
+            problems.append(("target_path", "format 'text' needs target_path, the file aligned line by line"))
         if self.target_path and not is_text:
-            raise ValueError(f"target_path is only for format 'text', not '{self.format}'")
+            problems.append(("target_path", f"target_path is only for format 'text', not '{self.format}'"))
         if is_text and self.id_column is not None:
-            raise ValueError("format 'text' has no id column: its ids are line numbers")
+            problems.append(("id_column", "format 'text' has no id column: its ids are line numbers"))
+        raise_problems(self, problems)
         return self
 
     def resolved_format(self) -> CorpusFormat:
@@ -119,12 +132,12 @@ class CorpusSpec(BaseModel):
 class FilterSpec(BaseModel):
     """Per-record quality filters; ``None`` turns a limit off."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    max_words: PositiveInt | None = 250  # whitespace words per side: more is a paragraph
-    max_chars: PositiveInt | None = 2000  # per side: catches word-less junk (URLs, base64)
-    max_length_ratio: float | None = Field(default=3.0, ge=1.0)  # longer/shorter side, in words
-    ratio_min_words: PositiveInt = 3  # judge the ratio only if both sides have this many words
+    max_words: PositiveInt | None = Field(default=250, le=100_000)  # whitespace words per side: more is a paragraph
+    max_chars: PositiveInt | None = Field(default=2000, le=10_000_000)  # per side: catches word-less junk (base64)
+    max_length_ratio: float | None = Field(default=3.0, ge=1.0, le=1000)  # longer/shorter side, in words
+    ratio_min_words: PositiveInt = Field(default=3, le=10_000)  # judge the ratio only if both sides have this many
     dedupe: bool = False  # reject repeats of an earlier kept (source, target) pair
 
 
@@ -164,19 +177,49 @@ class _Record(NamedTuple):
     raw: str | None = None  # the line of a malformed record
 
 
+# Byte-order marks, longest first: the UTF-32 LE mark starts with the UTF-16 LE one.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+         (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def _encoding(path: Path) -> tuple[str, int]:
+    """The file's encoding by its byte-order mark (UTF-8 without one) and the mark's length."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding, len(bom)
+    return "utf-8", 0
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str | None]]:
-    """Yield (1-based line number, line without its break, or None when it is not UTF-8)."""
-    with path.open("rb") as f:  # bytes, so that one bad line is rejected, not the whole file
+    """Yield (1-based line number, line without its break, or None when it is not valid in the file's encoding).
+
+    UTF-8 is read as bytes, so one bad line is rejected, not the whole file. A UTF-16/32 file (which needs its
+    byte-order mark) is decoded as text, its undecodable bytes kept as lone surrogates, which reject the line.
+    """
+    encoding, bom = _encoding(path)
+    if encoding != "utf-8":
+        # newline="\n": split where the bytes version splits (a lone \r stays in the line and is rejected).
+        with path.open("r", encoding=encoding, errors="surrogateescape", newline="\n") as f:
+            for n, line in enumerate(f, start=1):
+                line = (line.removeprefix("\ufeff") if n == 1 else line).rstrip("\r\n")
+                yield n, None if _SURROGATE.search(line) else line
+        return
+    with path.open("rb") as f:
+        f.read(bom)
         for n, raw in enumerate(f, start=1):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 yield n, None
                 continue
-            yield n, (text.removeprefix("\ufeff") if n == 1 else text).rstrip("\r\n")
+            yield n, text.rstrip("\r\n")
 
 
 def _count_lines(path: Path) -> int:
+    if _encoding(path)[0] != "utf-8":
+        return sum(1 for _ in _lines(path))
     count, last = 0, b"\n"
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -286,6 +329,8 @@ def _check(
     """The first failing check (module docstring order) for a decoded record."""
     if not rec.id:
         return RejectReason.MALFORMED
+    if any(_CONTROL.search(text) for text in (rec.id, rec.source, rec.target) if text):
+        return RejectReason.CONTROL_CHAR
     if seen_ids is not None:  # line-number ids are unique by construction
         if rec.id in seen_ids:
             return RejectReason.DUPLICATE_ID
@@ -308,6 +353,14 @@ def _check(
             return RejectReason.DUPLICATE
         seen_pairs.add((src, tgt))
     return None
+
+
+# Characters that str.splitlines() and other readers take for line breaks although JSON leaves them raw.
+_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
+def _json_line(entry: dict[str, object]) -> str:
+    return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
 
 
 def _reject_entry(rec: _Record, reason: RejectReason) -> dict[str, object]:
@@ -358,7 +411,7 @@ def read_corpus(
                     continue
                 counts[reason] += 1
                 if sink is not None:
-                    sink.write(json.dumps(_reject_entry(rec, reason), ensure_ascii=False) + "\n")
+                    sink.write(_json_line(_reject_entry(rec, reason)))
     except OSError as e:
         raise CorpusError(f"cannot read corpus {spec.path}: {e}") from e
     columns = {"id": ids, "index": index, "source": sources, "target": targets}

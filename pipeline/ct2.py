@@ -11,12 +11,14 @@ import hashlib
 import json
 from pathlib import Path
 
+from pipeline.errors import InputError
 from pipeline.tokenizer import Tokenizer, vocab_hash
 
+EVAL_RECORD = "distillery_eval.json"  # written by `distillery eval` next to the model; not part of its identity
 COMPUTE_TYPES = ("int8", "int8_float32", "float32", "int16", "float16", "bfloat16", "default", "auto")
 
 
-class TeacherError(ValueError):
+class TeacherError(InputError):
     """The teacher model directory is missing, unreadable, or incompatible with the tokenizer."""
 
 
@@ -31,6 +33,20 @@ def check_model_dir(model_dir: str | Path) -> Path:
             "(convert a checkpoint with `distillery export` or ct2-transformers-converter)"
         )
     return path
+
+
+def check_compute_type(compute_type: str, device: str = "cpu") -> str:
+    """Refuses a compute type this machine's CTranslate2 cannot run on ``device`` (checked in the driver, before
+    any worker loads the model: e.g. ``int16`` needs a CPU with the right instructions)."""
+    import ctranslate2
+
+    if compute_type not in COMPUTE_TYPES:
+        raise TeacherError(f"unknown compute type {compute_type!r}; choose one of {', '.join(COMPUTE_TYPES)}")
+    supported = ctranslate2.get_supported_compute_types(device)
+    if compute_type not in ("default", "auto") and compute_type not in supported:
+        raise TeacherError(f"compute type {compute_type!r} is not supported on this {device}; "
+                           f"it supports {', '.join(sorted(supported))}")
+    return compute_type
 
 
 def model_vocabulary(model_dir: str | Path) -> list[str]:
@@ -61,8 +77,8 @@ def model_hash(model_dir: str | Path) -> str:
     path = check_model_dir(model_dir)
     digest = hashlib.sha256()
     for name in sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".json")):
-        if name.startswith("tokenizer") or name == "special_tokens_map.json":
-            continue  # tokenizer files are hashed separately
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json", EVAL_RECORD):
+            continue  # tokenizer files are hashed separately; a score is about the model, not the model
         digest.update(name.encode())
         with open(path / name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.batching import budget_chunks
-from pipeline.ct2 import check_vocabulary, load_translator
+from pipeline.ct2 import EVAL_RECORD, check_vocabulary, load_translator
 from pipeline.tokenizer import Tokenizer
 
 
@@ -75,3 +77,28 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> Scores:
         chrf_signature=str(chrf.get_signature()),
         sentences=len(hypotheses),
     )
+
+
+def record_evaluation(model_dir: str | Path, *, test: str, model: Scores, copy_baseline: Scores,
+                      beam_size: int) -> Path:
+    """Writes the model's test score next to the copy-the-source baseline into ``model_dir/distillery_eval.json``
+    (the latest evaluation; ``model_hash`` ignores the file), so that a distillation can see a weak teacher."""
+    path = Path(model_dir) / EVAL_RECORD
+    record = {"test": test, "beam_size": beam_size, "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+              "model": model.as_dict(), "copy_baseline": copy_baseline.as_dict()}
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def teacher_warning(model_dir: str | Path) -> str | None:
+    """A warning when the model's recorded BLEU is below copying the source, else None (also when unscored)."""
+    path = Path(model_dir) / EVAL_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        bleu, copy = float(record["model"]["bleu"]), float(record["copy_baseline"]["bleu"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # never evaluated (or an unreadable record): nothing to compare
+    if bleu >= copy:
+        return None
+    return (f"teacher {model_dir} scored BLEU {bleu:.2f} on {record.get('test')}, below copying the source "
+            f"(BLEU {copy:.2f}): students will learn from a teacher worse than no translation at all")

@@ -33,7 +33,7 @@ Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
 class NoiseSpec(BaseModel):
     """What noise to apply, where, and with which seed."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     deletion: Rate = 0.0
     substitution: Rate = 0.0

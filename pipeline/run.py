@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,8 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from pipeline.corpus import read_corpus
-from pipeline.ct2 import check_model_dir, check_vocabulary, model_hash
+from pipeline.corpus import CorpusResult, read_corpus
+from pipeline.ct2 import check_compute_type, check_model_dir, check_vocabulary, model_hash
 from pipeline.dataset import (
     REJECTS,
     Counts,
@@ -42,6 +43,8 @@ from pipeline.dataset import (
     TokenizerInfo,
     shard_file,
 )
+from pipeline.errors import InputError, RunError
+from pipeline.evaluate import teacher_warning
 from pipeline.spec import JobSpec
 from pipeline.storage import Store
 from pipeline.tokenizer import Tokenizer
@@ -49,7 +52,7 @@ from pipeline.tokenizer import Tokenizer
 NOISE_VOCAB_SIZE = 20000  # most frequent words per side used for substitution noise
 
 
-class JobError(ValueError):
+class JobError(InputError):
     """The job cannot run (bad inputs, a dataset made from other inputs, …); nothing was written."""
 
 
@@ -89,6 +92,27 @@ def _noise_vocab(corpus: pa.Table, spec: JobSpec) -> dict[str, list[str]]:
     return vocab
 
 
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    """What a worker returns for a shard it could not write: the error travels back as data, so the driver
+    ends the job with one clear message instead of Ray's tracebacks."""
+
+    shard: int
+    error: str
+
+    def to_json(self) -> str:
+        return json.dumps({"shard": self.shard, "error": self.error})
+
+    @staticmethod
+    def from_json(text: str) -> ShardFailure | None:
+        data = json.loads(text)
+        return ShardFailure(data["shard"], data["error"]) if "error" in data else None
+
+
 class ShardWriter:
     """Ray Data callable: shard descriptors → (distil, write shard + sidecar) → metadata rows."""
 
@@ -101,15 +125,24 @@ class ShardWriter:
         # The ref is wrapped in a list so Ray hands it over unresolved; resolve once per actor.
         self.examples = ray.get(examples_ref[0]) if isinstance(examples_ref[0], ray.ObjectRef) else examples_ref[0]
         self.vocab = vocab
-        self.worker = TeacherWorker(self.spec)
-        self.store = Store.from_uri(self.spec.output.store, endpoint_override=self.spec.output.s3_endpoint)
+        # An error here or in a shard travels back as data ({"shard", "error"}): the driver ends the job with one
+        # clear message, where a raised exception would make Ray log tracebacks and retry the actor forever.
+        self.failure = ""
+        try:
+            self.worker = TeacherWorker(self.spec)
+            self.store = Store.from_uri(self.spec.output.store, endpoint_override=self.spec.output.s3_endpoint)
+        except Exception as exc:
+            self.failure = _describe(exc)
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"shard": [], "meta": []}
         for shard in batch["shard"]:
-            meta = self.write_shard(int(shard))
+            try:
+                meta = ShardFailure(int(shard), self.failure) if self.failure else self.write_shard(int(shard))
+            except Exception as exc:
+                meta = ShardFailure(int(shard), _describe(exc))
             out["shard"].append(int(shard))
-            out["meta"].append(meta.model_dump_json())
+            out["meta"].append(meta.to_json() if isinstance(meta, ShardFailure) else meta.model_dump_json())
         return out
 
     def write_shard(self, shard: int) -> Sidecar:
@@ -157,12 +190,28 @@ def _complete_shards(store: Store, directory: str, n_shards: int,
     return done
 
 
+# Ray's notices that every run would print although nothing is wrong: the C++ core worker logs at ERROR that
+# actor-pool actors (max_restarts -1) get constructor arguments from the object store (ray-project/ray#53727:
+# Ray Data's own DataContext), the auth module warns that token authentication is on (as it should be), and
+# Ray Data logs its executor's start and end. Set RAY_BACKEND_LOG_LEVEL yourself to see the C++ logs again.
+QUIET_RAY_ENV = {"RAY_BACKEND_LOG_LEVEL": "fatal"}
+QUIET_RAY_LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.data")
+
+
 def init_ray(address: str | None = None) -> None:
-    """Connects to ``address``/``RAY_ADDRESS``, or starts an embedded local Ray (the default)."""
+    """Connects to ``address``/``RAY_ADDRESS``, or starts an embedded local Ray (the default), quietly."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    import ray.data  # noqa: F401  (it configures its loggers on import: quiet them after that)
+
+    for key, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in QUIET_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
@@ -172,22 +221,31 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def run_job(
-    spec: JobSpec,
-    *,
-    address: str | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
-) -> Manifest:
-    """Runs (or resumes) a distillation job and returns its manifest.
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything checked before a job writes anything: the validated inputs and their identities."""
+
+    corpus: CorpusResult
+    rejects: bytes  # the _rejects.jsonl content
+    teacher_hash: str
+    vocab_hash: str
+    fingerprint: str
+    warnings: tuple[str, ...] = ()  # e.g. a teacher scored below its copy baseline; printed, never fatal
+
+
+def plan_job(spec: JobSpec) -> JobPlan:
+    """Checks every input a job needs, in the driver, and writes nothing.
 
     Raises:
-        JobError, TeacherError, TokenizerError, CorpusError: before anything is written.
+        JobError, TeacherError, TokenizerError, CorpusError (all ``InputError``): the job cannot run.
     """
-    store = Store.from_uri(spec.output.store, endpoint_override=spec.output.s3_endpoint)
-    directory = spec.output.dataset
     check_model_dir(spec.teacher.model)  # before the tokenizer, which defaults to the same directory
+    check_compute_type(spec.teacher.compute_type)
     tokenizer = Tokenizer.load(spec.tokenizer_dir)
     vocab_hash = check_vocabulary(tokenizer, spec.teacher.model)
+    if spec.targets.top_k > len(tokenizer.tokens):
+        raise JobError(f"targets.top_k {spec.targets.top_k} exceeds the teacher's vocabulary "
+                       f"({len(tokenizer.tokens)} tokens in {spec.teacher.model})")
     teacher_hash = model_hash(spec.teacher.model)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = read_corpus(spec.corpus, spec.filters, rejects_path=Path(tmp) / "rejects.jsonl")
@@ -195,12 +253,41 @@ def run_job(
     if corpus.kept == 0:
         raise JobError(f"empty corpus: {corpus.summary()}")
     fingerprint = _fingerprint(spec, teacher_hash, vocab_hash, corpus.table)
+    store = Store.from_uri(spec.output.store, endpoint_override=spec.output.s3_endpoint)
+    directory = spec.output.dataset
     previous = JobRecord.read(store, directory)
     if previous is not None and previous.fingerprint != fingerprint:
         raise JobError(f"dataset {directory!r} already exists in {spec.output.store} and was made from "
                        "other inputs (spec, teacher, tokenizer or corpus); choose another dataset name")
+    warnings = tuple(w for w in [teacher_warning(spec.teacher.model)] if w)
+    return JobPlan(corpus, rejects, teacher_hash, vocab_hash, fingerprint, warnings)
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    plan: JobPlan | None = None,
+) -> Manifest:
+    """Runs (or resumes) a distillation job and returns its manifest.
+
+    Args:
+        spec: the job.
+        address: Ray address (default: ``RAY_ADDRESS`` or an embedded local Ray).
+        on_progress: called after every progress update.
+        plan: the result of ``plan_job(spec)`` when the caller checked the inputs first.
+
+    Raises:
+        InputError (JobError, TeacherError, TokenizerError, CorpusError): before anything is written.
+        RunError: the job failed after it started writing; a re-run resumes it.
+    """
+    plan = plan or plan_job(spec)
+    store = Store.from_uri(spec.output.store, endpoint_override=spec.output.s3_endpoint)
+    directory = spec.output.dataset
+    corpus, teacher_hash, vocab_hash, fingerprint = plan.corpus, plan.teacher_hash, plan.vocab_hash, plan.fingerprint
     JobRecord(fingerprint=fingerprint, spec=spec.model_dump(mode="json")).write(store, directory)
-    store.write_bytes_atomic(f"{directory}/{REJECTS}", rejects)
+    store.write_bytes_atomic(f"{directory}/{REJECTS}", plan.rejects)
     store.cleanup_temp(directory)
 
     size, kept = spec.output.shard_size, corpus.kept
@@ -227,9 +314,13 @@ def run_job(
             on_progress(progress)
 
     publish()
+    failed: dict[int, str] = {}  # shard -> the error a worker reported
     try:
         if todo:
             for meta in _distill_shards(spec, corpus.table, todo, address=address):
+                if isinstance(meta, ShardFailure):
+                    failed[meta.shard] = meta.error
+                    continue
                 done[meta.shard] = meta
                 progress.shards_done += 1
                 progress.examples_done += meta.examples
@@ -237,14 +328,21 @@ def run_job(
                 progress.target_tokens_done += meta.target_tokens
                 progress.bytes_written += meta.bytes
                 publish()
+        if failed:
+            first = min(failed)
+            raise RunError(f"{len(failed)} of {len(todo)} shards failed (complete shards are kept; a re-run resumes); "
+                           f"shard {first}: {failed[first]}")
         missing = [i for i in range(n_shards) if i not in done]
         if missing:
-            raise JobError(f"shards {missing} did not complete")
+            raise RunError(f"shards {missing} did not complete")
         manifest = _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint)
         manifest.write(store, directory)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         publish(ProgressState.INTERRUPTED if interrupted else ProgressState.FAILED, error=str(exc)[:2000])
+        if isinstance(exc, Exception) and not isinstance(exc, RunError):
+            # The inputs were checked: whatever fails now (even a ValueError from a worker) is a run failure.
+            raise RunError(f"{type(exc).__name__} while distilling") from exc
         raise
     publish(ProgressState.SUCCEEDED)
     return manifest
@@ -271,7 +369,7 @@ def _distill_shards(spec: JobSpec, corpus: pa.Table, todo: list[int], *, address
         # default to -1 for actor pools); a retried shard rewrites the same file, so retries are safe.
     )
     for row in ds.iter_rows():
-        yield Sidecar.model_validate_json(row["meta"])
+        yield ShardFailure.from_json(row["meta"]) or Sidecar.model_validate_json(row["meta"])
 
 
 def _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint) -> Manifest:

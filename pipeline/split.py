@@ -1,14 +1,19 @@
-"""Deterministic train/valid/test split by example id, so test examples are never trained on.
+"""Deterministic train/valid/test split by example id *and content*, so test pairs are never trained on.
 
-Each id maps to a group key (the whole id, or part of it picked by ``group_pattern``), the key is
-hashed with BLAKE2b together with a salt, and the hash, read as a uniform number ``u`` in [0, 1),
-decides: ``u < test_fraction`` is test, ``u < test_fraction + valid_fraction`` is valid, else
-train. The answer depends on nothing but (salt, key): not on row order, corpus size or machine, and
-a group (e.g. a Bible chapter) never straddles two splits.
+Each id maps to a group key (the whole id, or part of it picked by ``group_pattern``). Rows whose
+normalised sources are equal (NFKC, case-folded, whitespace collapsed) are joined into one group with
+everything their group keys hold (union-find), so a repeated sentence — and a fortiori a repeated pair
+— lands in one split, whatever its ids. A group's key (its smallest group key) is hashed with BLAKE2b
+together with a salt, and the hash, read as a uniform number ``u`` in [0, 1), decides:
+``u < test_fraction`` is test, ``u < test_fraction + valid_fraction`` is valid, else train. Without
+repeated sources, the answer depends on nothing but (salt, group key): not on row order, corpus size or
+machine, and a group (e.g. a Bible chapter) never straddles two splits.
 """
 
 import hashlib
 import re
+import unicodedata
+from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow as pa
@@ -22,7 +27,7 @@ SPLITS: tuple[Split, ...] = ("train", "valid", "test")
 class SplitSpec(BaseModel):
     """How to split; the same spec always gives the same split."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     valid_fraction: float = Field(default=0.03, ge=0.0, le=1.0)  # expected share of groups
     test_fraction: float = Field(default=0.05, ge=0.0, le=1.0)  # expected share of groups
@@ -66,7 +71,7 @@ def _split_of_key(key: str, spec: SplitSpec) -> Split:
 
 
 def split_of(example_id: str, spec: SplitSpec) -> Split:
-    """Which split an example belongs to.
+    """Which split an example belongs to when its source is not shared with another group.
 
     Args:
         example_id: The example's stable id (the corpus ``id`` column).
@@ -79,24 +84,79 @@ def split_of(example_id: str, spec: SplitSpec) -> Split:
     return _split_of_key(group_key(example_id, pattern), spec)
 
 
-def split_table(table: pa.Table, spec: SplitSpec) -> dict[Split, pa.Table]:
-    """Split a table by its ``id`` column, keeping row order within each split.
+def normalise(text: str) -> str:
+    """What counts as the same sentence: NFKC, case-folded, runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        root = x
+        while (up := self.parent.setdefault(root, root)) != root:
+            root = up
+        while x != root:  # path compression
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # the smaller key represents: independent of row order
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    parts: dict[Split, pa.Table]
+    duplicate_pairs: int  # rows whose normalised (source, target) appeared in an earlier row
+    duplicate_sources: int  # rows whose normalised source appeared in an earlier row (pairs included)
+    merged_groups: int  # id groups joined to another one because they share a source
+
+
+def split_corpus(table: pa.Table, spec: SplitSpec) -> SplitResult:
+    """Split a table by id groups joined over equal sources, keeping row order within each split.
 
     Args:
-        table: Any table with a string ``id`` column (e.g. from ``read_corpus``).
+        table: A table with a string ``id`` column and, to group by content, a ``source`` column (e.g. from
+            ``read_corpus``; ``target`` is only counted).
         spec: Fractions, grouping and salt.
 
     Returns:
-        ``{"train": ..., "valid": ..., "test": ...}``; every row lands in exactly one, and a split
-        may be empty.
+        The three splits (every row in exactly one, a split may be empty) and the duplicate counts.
     """
     pattern = re.compile(spec.group_pattern) if spec.group_pattern else None
+    keys = [group_key(example_id, pattern) for example_id in table.column("id").to_pylist()]
+    groups = _UnionFind()
+    dup_pairs = dup_sources = 0
+    if "source" in table.column_names:
+        sources = [normalise(s) for s in table.column("source").to_pylist()]
+        targets = ([normalise(s) for s in table.column("target").to_pylist()] if "target" in table.column_names
+                   else [""] * len(sources))
+        first_key: dict[str, str] = {}
+        seen_pairs: set[tuple[str, str]] = set()
+        for key, source, target in zip(keys, sources, targets, strict=True):
+            if source in first_key:
+                dup_sources += 1
+                dup_pairs += (source, target) in seen_pairs
+                groups.union("g\0" + key, "g\0" + first_key[source])
+            else:
+                first_key[source] = key
+            seen_pairs.add((source, target))
     memo: dict[str, Split] = {}  # one hash per group, not per row
     names = []
-    for example_id in table.column("id").to_pylist():
-        key = group_key(example_id, pattern)
-        if (name := memo.get(key)) is None:
-            name = memo[key] = _split_of_key(key, spec)
+    for key in keys:
+        root = groups.find("g\0" + key)[2:]
+        if (name := memo.get(root)) is None:
+            name = memo[root] = _split_of_key(root, spec)
         names.append(name)
+    merged = sum(1 for key in set(keys) if groups.find("g\0" + key)[2:] != key)
     labels = pa.array(names, pa.string())
-    return {name: table.filter(pc.equal(labels, name)) for name in SPLITS}
+    parts = {name: table.filter(pc.equal(labels, name)) for name in SPLITS}
+    return SplitResult(parts, dup_pairs, dup_sources, merged)
+
+
+def split_table(table: pa.Table, spec: SplitSpec) -> dict[Split, pa.Table]:
+    """The three splits of ``split_corpus`` (see there)."""
+    return split_corpus(table, spec).parts

@@ -19,10 +19,12 @@ from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 
+from pipeline.errors import InputError
+
 EOS, UNK, PAD = "</s>", "<unk>", "<pad>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer directory is missing, unreadable or does not match a model."""
 
 
@@ -81,6 +83,35 @@ def _canonical_unigram(vocab: list[list]):
     return models.Unigram(specials + pieces, unk_id=[p for p, _ in specials].index(UNK), byte_fallback=False)
 
 
+HF_FILES = ("tokenizer.json",)  # ours (`distillery tokenizer train`), or any fast tokenizer
+MARIAN_FILES = ("source.spm", "target.spm", "vocab.json")  # OPUS-MT / Marian: all three
+OTHER_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "vocab.txt")  # AutoTokenizer may load
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """Says which tokenizer files a directory lacks, before transformers fails with a message about packages.
+
+    Raises:
+        TokenizerError: no known tokenizer file, or an incomplete Marian set, in ``path``.
+    """
+    present = {p.name for p in path.iterdir()}
+    if present & set(HF_FILES):
+        return
+    if present & set(MARIAN_FILES):
+        if missing := [name for name in MARIAN_FILES if name not in present]:
+            raise TokenizerError(f"incomplete Marian tokenizer in {path}: {', '.join(missing)} missing "
+                                 f"(a Marian / OPUS-MT tokenizer needs {', '.join(MARIAN_FILES)})")
+        return
+    if present & set(OTHER_FILES):
+        return
+    raise TokenizerError(
+        f"no tokenizer files in {path}: looked for {', '.join(HF_FILES)} (`distillery tokenizer train`), "
+        f"{' + '.join(MARIAN_FILES)} (Marian / OPUS-MT) or {', '.join(OTHER_FILES)}. A CTranslate2 export holds "
+        "its tokenizer only when the files were copied in (ct2-transformers-converter --copy_files); otherwise "
+        "point `tokenizer` / --tokenizer at the tokenizer's own directory"
+    )
+
+
 class Tokenizer:
     """A loaded tokenizer with the few operations the project needs, batch-first."""
 
@@ -96,6 +127,7 @@ class Tokenizer:
         path = Path(path)
         if not path.is_dir():
             raise TokenizerError(f"tokenizer directory not found: {path}")
+        check_tokenizer_files(path)
         from transformers import AutoTokenizer
 
         try:

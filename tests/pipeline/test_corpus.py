@@ -1,3 +1,4 @@
+import codecs
 import json
 from pathlib import Path
 
@@ -288,6 +289,50 @@ def test_missing_or_empty_id_is_malformed(tmp_path):
     assert [r["line"] for r in _rejects(tmp_path / "r")] == [2, 3]
 
 
+def test_control_characters_are_rejected_with_their_own_reason(tmp_path):
+    lines = [
+        b"Guten Tag\tGood day",
+        b"Null\x00byte\tnull byte",  # NUL
+        b"Escape\tan \x1b[31mANSI\x1b[0m colour",  # ESC in the target
+        b"C1 \xc2\x85 next line\tC1 control",  # U+0085, a C1 control
+        b"Wagen\x7f\tDEL",
+        b"Zeile mit\rWagenr\xc3\xbccklauf\tcarriage return inside",  # a lone CR mid-line
+    ]
+    spec = _write_lines(tmp_path / "c.tsv", lines)
+    result = read_corpus(spec, rejects_path=tmp_path / "r")
+    assert _pairs(result) == [("Guten Tag", "Good day")]
+    assert result.rejected == {"control_char": 5}
+    assert [(r["line"], r["reason"]) for r in _rejects(tmp_path / "r")] == [(n, "control_char") for n in range(2, 7)]
+    # A tab inside a text-format line is ordinary whitespace; a newline smuggled into a JSONL value is not.
+    text = _write_text(tmp_path, [b"ein\tTab", b"zwei"], [b"a tab", b"two"])
+    assert _pairs(read_corpus(text)) == [("ein\tTab", "a tab"), ("zwei", "two")]
+    jsonl = _write_lines(tmp_path / "c.jsonl", _jsonl([{"source": "eins\nzwei", "target": "one two"},
+                                                     {"source": "drei", "target": "three", "id": "x\x00"}]),
+                         id_column=None)
+    assert read_corpus(jsonl).rejected == {"control_char": 1}
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
+                                      "utf-32-be"])
+def test_files_with_a_byte_order_mark_are_decoded_by_it(tmp_path, encoding):
+    pairs = [("Größe", "size"), ("Straße ☃", "street"), ("日本語", "Japanese")]
+    bom = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE, "utf-32-le": codecs.BOM_UTF32_LE,
+           "utf-32-be": codecs.BOM_UTF32_BE}.get(encoding, b"")  # the others write their own mark
+    (tmp_path / "c.tsv").write_bytes(bom + "".join(f"{s}\t{t}\r\n" for s, t in pairs).encode(encoding))
+    (tmp_path / "c.de").write_bytes(bom + "".join(f"{s}\n" for s, _ in pairs).encode(encoding))
+    (tmp_path / "c.en").write_text("".join(f"{t}\n" for _, t in pairs), encoding="utf-8")
+    for spec in (CorpusSpec(path=str(tmp_path / "c.tsv")),
+                 CorpusSpec(path=str(tmp_path / "c.de"), target_path=str(tmp_path / "c.en"))):
+        result = read_corpus(spec)
+        assert _pairs(result) == pairs and result.rejected == {}
+
+
+def test_utf16_without_a_byte_order_mark_is_rejected_not_kept(tmp_path):
+    (tmp_path / "c.tsv").write_bytes("Größe\tsize\nHaus\thouse\n".encode("utf-16-le"))
+    result = read_corpus(CorpusSpec(path=str(tmp_path / "c.tsv")))
+    assert result.kept == 0 and sum(result.rejected.values()) == result.total
+
+
 def test_one_reason_per_record_in_check_order(tmp_path):
     rows = [
         {"k": "a", "source": "x " * 20, "target": "y"},  # too long and a bad ratio: too_long
@@ -303,7 +348,7 @@ def test_one_reason_per_record_in_check_order(tmp_path):
     ]
     assert list(result.rejected) == ["duplicate_id", "empty_source", "too_long"]  # check order
     assert sum(result.rejected.values()) == result.total == 3
-    assert list(RejectReason)[:3] == ["invalid_utf8", "malformed", "duplicate_id"]
+    assert list(RejectReason)[:4] == ["invalid_utf8", "malformed", "control_char", "duplicate_id"]
 
 
 def test_reject_snippets_are_truncated(tmp_path):

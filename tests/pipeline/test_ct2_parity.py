@@ -94,6 +94,26 @@ def test_missing_or_bogus_model_dir(tmp_path):
         load_translator(tmp_path / "m")
 
 
-def test_model_hash_tracks_weights(tiny_teacher):
-    assert model_hash(tiny_teacher["ct2_f32"]) == model_hash(tiny_teacher["ct2_f32"])
-    assert model_hash(tiny_teacher["ct2_f32"]) != model_hash(tiny_teacher["ct2_int8"])
+def test_model_hash_tracks_weights(tiny_teacher, tmp_path):
+    """Same weights exported again → same hash; one weight nudged → another; a score recorded next to the
+    model (``distillery eval``) is not part of its identity."""
+    import shutil
+
+    from transformers import MarianMTModel
+
+    from pipeline.ct2 import EVAL_RECORD
+    from trainers.export import export_ct2
+
+    reference = model_hash(tiny_teacher["ct2_f32"])
+    assert model_hash(export_ct2(tiny_teacher["hf"], tmp_path / "again", quantization="float32")) == reference
+    assert model_hash(tiny_teacher["ct2_int8"]) != reference
+
+    model = MarianMTModel.from_pretrained(tiny_teacher["hf"])
+    with torch.no_grad():
+        model.model.decoder.layers[0].fc1.bias[0] += 1e-3
+    shutil.copytree(tiny_teacher["hf"], tmp_path / "nudged")
+    model.save_pretrained(tmp_path / "nudged")
+    assert model_hash(export_ct2(tmp_path / "nudged", tmp_path / "nudged-ct2", quantization="float32")) != reference
+
+    (tmp_path / "again" / EVAL_RECORD).write_text('{"model": {"bleu": 1.0}}')
+    assert model_hash(tmp_path / "again") == reference

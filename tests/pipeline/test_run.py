@@ -171,10 +171,21 @@ def test_killed_driver_rerun_gives_identical_dataset(corpus, tiny_teacher, tmp_p
     assert final["dataset_hash"] == json.loads((tmp_path / "straight" / "_manifest.json").read_text())["dataset_hash"]
 
 
-@pytest.mark.parametrize("problem", ["missing_model", "tokenizer_mismatch", "empty_corpus", "bad_spec"])
+@pytest.mark.parametrize("problem", ["missing_model", "tokenizer_mismatch", "empty_corpus", "bad_spec",
+                                     "top_k_over_vocabulary", "compute_type_unsupported_here"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(problem, corpus, tiny_teacher, tmp_path):
     spec = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path)
-    if problem == "missing_model":
+    if problem == "top_k_over_vocabulary":  # ≤ 1024, so the spec alone cannot know
+        spec.targets.top_k, message = 1000, "targets.top_k 1000 exceeds the teacher's vocabulary (599 tokens"
+    elif problem == "compute_type_unsupported_here":
+        import ctranslate2
+
+        supported = ctranslate2.get_supported_compute_types("cpu")
+        unsupported = [c for c in ("int16", "float16", "bfloat16") if c not in supported]
+        if not unsupported:
+            pytest.skip("this CPU supports every compute type")
+        spec.teacher.compute_type, message = unsupported[0], f"compute type '{unsupported[0]}' is not supported"
+    elif problem == "missing_model":
         spec.teacher.model, message = str(tmp_path / "nowhere"), "teacher model directory not found"
     elif problem == "tokenizer_mismatch":
         from pipeline.tokenizer import train_tokenizer
@@ -195,8 +206,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(problem, corpus, tiny_tea
     assert proc.wait(timeout=120) == 2
     stderr = proc.stderr.read()
     assert message in stderr and "Traceback" not in stderr
-    assert not (tmp_path / "ds" / "_manifest.json").exists()
-    assert not list((tmp_path / "ds").glob("part-*")) if (tmp_path / "ds").exists() else True
+    assert not (tmp_path / "ds").exists()  # no _job.json that would lock the name against a corrected spec
 
 
 def test_s3_store(corpus, tiny_teacher, s3_endpoint, tmp_path):

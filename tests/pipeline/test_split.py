@@ -108,3 +108,24 @@ def test_spec_validation():
         SplitSpec(test_fraction=-0.1)
     with pytest.raises(pydantic.ValidationError):
         SplitSpec(tets_fraction=0.1)
+
+
+def test_bible_chapters_stay_whole_and_repeated_verses_in_one_split():
+    """With content grouping, chapters that share a verse (e.g. Psalm 14 and 53) go to one split together."""
+    import pyarrow.parquet as pq
+
+    from pipeline.split import normalise, split_corpus
+
+    bible = pq.read_table(BUNDLED_CORPUS)
+    table = pa.table({"id": bible["id"], "source": bible["de"], "target": bible["en"]})
+    result = split_corpus(table, BUNDLED_SPLIT)
+    chapter, source = defaultdict(set), defaultdict(set)
+    for name, part in result.parts.items():
+        for example_id, text in zip(part["id"].to_pylist(), part["source"].to_pylist(), strict=True):
+            chapter[CHAPTERS.match(example_id).group(1)].add(name)
+            source[normalise(text)].add(name)
+    assert all(len(names) == 1 for names in chapter.values())
+    assert all(len(names) == 1 for names in source.values())
+    assert result.duplicate_sources > 0 and result.merged_groups > 0
+    sizes = {name: part.num_rows for name, part in result.parts.items()}
+    assert 0.03 <= sizes["test"] / 31_102 <= 0.08 and 0.015 <= sizes["valid"] / 31_102 <= 0.05

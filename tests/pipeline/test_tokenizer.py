@@ -27,9 +27,27 @@ def test_reload_has_same_vocab_hash(tiny_tokenizer):
 def test_missing_dir_is_a_clear_error(tmp_path):
     with pytest.raises(TokenizerError, match="not found"):
         Tokenizer.load(tmp_path / "nope")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(TokenizerError, match="cannot load"):
-        Tokenizer.load(tmp_path / "empty")
+
+
+def test_directory_without_tokenizer_files_says_what_is_missing(tmp_path):
+    """A CTranslate2 export without its tokenizer files (model.bin, config, vocabulary only): the error names the
+    directory and the files looked for, not a package that is in fact installed."""
+    bare = tmp_path / "ct2-without-tokenizer"
+    bare.mkdir()
+    (bare / "model.bin").write_bytes(b"\0" * 64)
+    (bare / "config.json").write_text('{"add_source_bos": false, "add_source_eos": false, "unk_token": "<unk>"}')
+    (bare / "shared_vocabulary.json").write_text('["</s>", "<unk>", "a"]')
+    for directory in (bare, tmp_path / "empty"):
+        directory.mkdir(exist_ok=True)
+        with pytest.raises(TokenizerError) as info:
+            Tokenizer.load(directory)
+        message = str(info.value)
+        assert f"no tokenizer files in {directory}" in message
+        assert all(name in message for name in ("tokenizer.json", "source.spm", "target.spm", "vocab.json"))
+        assert "sentencepiece or tiktoken" not in message
+    (bare / "source.spm").write_bytes(b"")  # half a Marian tokenizer
+    with pytest.raises(TokenizerError, match="target.spm, vocab.json missing"):
+        Tokenizer.load(bare)
 
 
 def test_training_is_deterministic(tiny_data, tmp_path):
