@@ -264,10 +264,12 @@ def evaluate(
 ) -> None:
     """Decode a test set with CTranslate2 and print sacrebleu BLEU and chrF with their signatures."""
     from pipeline.corpus import read_corpus
+    from pipeline.ct2 import check_model_dir
     from pipeline.evaluate import score, translate
     from pipeline.tokenizer import Tokenizer
 
     quiet_libraries()
+    check_model_dir(model)  # first: a checkpoint or a stray directory is named as such, not by a later symptom
     corpus = read_corpus(corpus_spec(test, target, format, source_column, target_column, None))
     if corpus.rejected:
         console.print(f"[yellow]warning:[/] {corpus.summary()} — rejected test lines are not scored")
