@@ -150,7 +150,9 @@ def teacher_train(
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer directory")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory")] = None,
     size: Annotated[str | None, typer.Option(help="model preset: tiny|mini|small|medium|base|big")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="wall-clock budget")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="step budget: the same model on any machine")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="wall-clock cap (the model then depends on the "
+                                                           "machine's speed)")] = None,
 ) -> None:
     """Train a teacher with label-smoothed cross-entropy; resumes from its run directory."""
     from pipeline.config import load_config
@@ -164,6 +166,8 @@ def teacher_train(
         cfg = load_config(config, TeacherConfig, **overrides)
     else:
         cfg = TeacherConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if max_steps is not None:
+        cfg.optim.max_steps = max_steps
     if max_minutes is not None:
         cfg.optim.max_minutes = max_minutes
     state = train_teacher(cfg)
@@ -291,7 +295,8 @@ def evaluate(
 @friendly_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="where every artifact goes; re-runs reuse it")] = Path("work/demo"),
-    teacher_minutes: Annotated[float, typer.Option(help="teacher training budget")] = 10.0,
+    teacher_steps: Annotated[int, typer.Option(help="teacher training steps (a step budget reproduces)")] = 1000,
+    teacher_minutes: Annotated[float | None, typer.Option(help="optional wall-clock cap on the teacher")] = None,
     teacher_size: Annotated[str, typer.Option(help="teacher preset")] = "mini",
     student_steps: Annotated[int, typer.Option(help="training steps of each of the four students")] = 1500,
     student_size: Annotated[str, typer.Option(help="student preset")] = "tiny",
@@ -300,7 +305,7 @@ def demo(
     from distillery.demo import run_demo
 
     quiet_libraries()
-    run_demo(workdir, teacher_minutes=teacher_minutes, teacher_size=teacher_size,
+    run_demo(workdir, teacher_steps=teacher_steps, teacher_minutes=teacher_minutes, teacher_size=teacher_size,
              student_steps=student_steps, student_size=student_size, console=console)
 
 
