@@ -178,7 +178,7 @@ def teacher_train(
 @app.command("distill")
 @friendly_errors
 def distill(
-    spec: Annotated[Path, typer.Argument(help="job spec, YAML or JSON (see README, 'Job spec')")],
+    spec: Annotated[Path, typer.Argument(help="job spec, YAML or JSON (see README, 'Distilling a corpus')")],
     address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS or embedded)")] = None,
 ) -> None:
     """Run (or resume) a distillation job with a progress bar; same as `python -m pipeline run SPEC`."""
@@ -210,6 +210,7 @@ def distill(
         f"  this run: {p.shards_done - p.shards_skipped} shards in {p.elapsed_s:,.1f} s, "
         f"{p.tokens_per_s:,.0f} target tokens/s ({p.shards_skipped} complete shards reused)\n"
         f"  rejected {sum(counts['rejected'].values()):,} {counts['rejected'] or ''}\n"
+        f"  rows cut at decoding.max_length {counts.get('cut_at_max_length', 0):,}\n"
         f"  dataset hash {manifest['dataset_hash']}"
     )
 
@@ -220,9 +221,11 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML/JSON StudentConfig (see README, 'Training students')")],
     loss: Annotated[str | None, typer.Option(help="override loss.name: nll|token|sentence|hybrid|…")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="override optim.max_steps (the step budget)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS or embedded)")] = None,
 ) -> None:
-    """Train a student from a distilled dataset on Ray Train, export it to CTranslate2 and score it."""
+    """Train a student from a distilled dataset (or, for nll, a prepared corpus) on Ray Train, export it to
+    CTranslate2 and score it."""
     from pipeline.config import load_config
     from trainers.losses import LossConfig
     from trainers.student import StudentConfig, train_student
@@ -231,6 +234,8 @@ def train(
     cfg = load_config(config, StudentConfig, workers=workers)
     if loss is not None:
         cfg.loss = LossConfig.model_validate(cfg.loss.model_dump() | {"name": loss})
+    if max_steps is not None:
+        cfg.optim = cfg.optim.model_copy(update={"max_steps": max_steps})
     results = train_student(cfg, address=address)
     console.print(json.dumps(results, indent=2))
 

@@ -107,8 +107,8 @@ def run_demo(workdir: Path, *, teacher_steps: int, teacher_size: str, student_st
         cfg = demo_student_config(workdir, prepared, datasets[mode], loss, size=student_size, steps=student_steps)
         student = train_student(cfg)  # returns the saved results when this exact student is done
         console.print(f"    {loss:<8} BLEU {student['bleu']:.2f}  chrF {student['chrf']:.2f}  "
-                      f"({student['steps']} steps, {student['stopped']}; best valid BLEU "
-                      f"{student['best_valid_bleu']:.2f} at step {student['best_step']})")
+                      f"({student['steps']} steps, {student['stopped']}; selected valid BLEU "
+                      f"{student['selected_valid_bleu']:.2f} at step {student['selected_step']})")
         results["students"][loss] = student | {"dataset": datasets[mode]}
     results["wall_minutes_this_run"] = round((time.monotonic() - started) / 60, 1)
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
@@ -133,7 +133,7 @@ def results_table(results: dict, *, teacher_size: str, student_size: str) -> Tab
                "hybrid": "beam output + its top-8"}
     for loss, s in results["students"].items():
         table.add_row(f"student ({student_size}) {loss}", sources[loss], f"{s['parameters'] / 1e6:.1f}M",
-                      f"{s['bleu']:.2f}", f"{s['chrf']:.2f}", f"step {s['best_step']:,} / {s['steps']:,}",
+                      f"{s['bleu']:.2f}", f"{s['chrf']:.2f}", f"step {s['selected_step']:,} / {s['steps']:,}",
                       f"{s['train_minutes']:.1f} min")
     return table
 
