@@ -9,6 +9,9 @@ Rows are held as flat numpy arrays plus offsets (no Python object per token). Ba
 (seed, epoch) — and each of ``world_size`` workers takes its own slice of every batch. No example is seen by
 two workers in a step, every worker knows the global token count of the step without communicating, and a
 run on N workers follows the same batches as a run on one.
+
+The ``nll`` baseline may instead read a prepared corpus (``ReferenceCorpus``): the same rows, without top-k.
+Rows longer than the student's ``max_positions`` are skipped and counted, whichever the source.
 """
 
 from __future__ import annotations
@@ -151,6 +154,8 @@ class ReferenceCorpus(TrainingRows):
             text = pq.read_table(path, columns=["source", "target"])
         except (pa.ArrowException, OSError) as exc:
             raise DatasetError(f"{path} is not a Parquet file with source and target columns: {exc}") from None
+        if text.num_rows == 0:
+            raise DatasetError(f"corpus {path} holds no pairs")
         ids = pa.list_(pa.int32())
         table = pa.table({"source_ids": pa.array(tokenizer.encode_source(text["source"].to_pylist()), ids),
                           "hyp_ids": pa.array(tokenizer.encode_target(text["target"].to_pylist()), ids)})
