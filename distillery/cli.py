@@ -185,7 +185,9 @@ def teacher_train(
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer directory")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory")] = None,
     size: Annotated[str | None, typer.Option(help="model preset: tiny|mini|small|medium|base|big")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="wall-clock budget")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="step budget: the same model on any machine")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="wall-clock cap (the model then depends on the "
+                                                           "machine's speed)")] = None,
 ) -> None:
     """Train a teacher with label-smoothed cross-entropy; resumes from its run directory."""
     from pipeline.config import load_config
@@ -199,6 +201,8 @@ def teacher_train(
         cfg = load_config(config, TeacherConfig, **overrides)
     else:
         cfg = TeacherConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if max_steps is not None:
+        cfg.optim.max_steps = max_steps
     if max_minutes is not None:
         cfg.optim.max_minutes = max_minutes
     state = train_teacher(cfg)
@@ -209,7 +213,7 @@ def teacher_train(
 @app.command("distill")
 @friendly_errors
 def distill(
-    spec: Annotated[Path, typer.Argument(help="job spec, YAML or JSON (see README, 'Job spec')")],
+    spec: Annotated[Path, typer.Argument(help="job spec, YAML or JSON (see README, 'Distilling a corpus')")],
     address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS or embedded)")] = None,
 ) -> None:
     """Run (or resume) a distillation job with a progress bar; same as `python -m pipeline run SPEC`."""
@@ -244,6 +248,7 @@ def distill(
         f"  this run: {p.shards_done - p.shards_skipped} shards in {p.elapsed_s:,.1f} s, "
         f"{p.tokens_per_s:,.0f} target tokens/s ({p.shards_skipped} complete shards reused)\n"
         f"  rejected {sum(counts.rejected.values()):,} {counts.rejected or ''}\n"
+        f"  rows cut at decoding.max_length {counts.cut_at_max_length:,}\n"
         f"  dataset hash {manifest.dataset_hash}"
     )
     for warning in plan.warnings:  # again, where the summary is read
@@ -256,9 +261,11 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML/JSON StudentConfig (see README, 'Training students')")],
     loss: Annotated[str | None, typer.Option(help="override loss.name: nll|token|sentence|hybrid|…")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="override optim.max_steps (the step budget)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS or embedded)")] = None,
 ) -> None:
-    """Train a student from a distilled dataset on Ray Train, export it to CTranslate2 and score it."""
+    """Train a student from a distilled dataset (or, for nll, a prepared corpus) on Ray Train, export it to
+    CTranslate2 and score it."""
     from pipeline.config import load_config
     from trainers.losses import LossConfig
     from trainers.student import StudentConfig, train_student
@@ -267,6 +274,8 @@ def train(
     cfg = load_config(config, StudentConfig, workers=workers)
     if loss is not None:
         cfg.loss = LossConfig.model_validate(cfg.loss.model_dump() | {"name": loss})
+    if max_steps is not None:
+        cfg.optim = cfg.optim.model_copy(update={"max_steps": max_steps})
     results = train_student(cfg, address=address)
     console.print(json.dumps(results, indent=2))
 
@@ -304,10 +313,12 @@ def evaluate(
 ) -> None:
     """Decode a test set with CTranslate2 and print sacrebleu BLEU and chrF with their signatures."""
     from pipeline.corpus import read_corpus
+    from pipeline.ct2 import check_model_dir
     from pipeline.evaluate import record_evaluation, score, teacher_warning, translate
     from pipeline.tokenizer import Tokenizer
 
     quiet_libraries()
+    check_model_dir(model)  # first: a checkpoint or a stray directory is named as such, not by a later symptom
     corpus = read_corpus(corpus_spec(test, target, format, source_column, target_column, None))
     if corpus.rejected:
         console.print(f"[yellow]warning:[/] {corpus.summary()} — rejected test lines are not scored")
@@ -337,7 +348,8 @@ def evaluate(
 @friendly_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="where every artifact goes; re-runs reuse it")] = Path("work/demo"),
-    teacher_minutes: Annotated[float, typer.Option(help="teacher training budget")] = 10.0,
+    teacher_steps: Annotated[int, typer.Option(help="teacher training steps (a step budget reproduces)")] = 1000,
+    teacher_minutes: Annotated[float | None, typer.Option(help="optional wall-clock cap on the teacher")] = None,
     teacher_size: Annotated[str, typer.Option(help="teacher preset")] = "mini",
     student_steps: Annotated[int, typer.Option(help="training steps of each of the four students")] = 1500,
     student_size: Annotated[str, typer.Option(help="student preset")] = "tiny",
@@ -346,7 +358,7 @@ def demo(
     from distillery.demo import run_demo
 
     quiet_libraries()
-    run_demo(workdir, teacher_minutes=teacher_minutes, teacher_size=teacher_size,
+    run_demo(workdir, teacher_steps=teacher_steps, teacher_minutes=teacher_minutes, teacher_size=teacher_size,
              student_steps=student_steps, student_size=student_size, console=console)
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-# Teacher settings for a 2-core CPU: the budget, not the epochs, ends training (see README, "Demo").
+# Teacher settings for a 2-core CPU: a step budget, not the epochs, ends training (see README, "Demo").
 DEMO_VOCAB = 8000
 DEMO_LR = 7e-4
 STEPS = 8
@@ -30,8 +30,8 @@ def _step(console: Console, name: str, done: bool) -> bool:
     return not done
 
 
-def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, student_steps: int,
-             student_size: str, console: Console) -> dict:
+def run_demo(workdir: Path, *, teacher_steps: int, teacher_size: str, student_steps: int,
+             student_size: str, console: Console, teacher_minutes: float | None = None) -> dict:
     """Runs (or resumes) the demo in ``workdir``; returns and prints the results table."""
     from pipeline.bundled import BUNDLED_SPLIT, bundled_corpus_spec
     from pipeline.evaluate import record_evaluation, score, translate
@@ -39,9 +39,8 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, studen
     from pipeline.run import plan_job, run_job
     from pipeline.tokenizer import Tokenizer, train_tokenizer
     from trainers.export import export_ct2
-    from trainers.loop import OptimConfig
     from trainers.student import train_student
-    from trainers.teacher import TeacherConfig, train_teacher
+    from trainers.teacher import train_teacher
 
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir, tok_dir = workdir / "data", workdir / "tokenizer"
@@ -58,16 +57,10 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, studen
                         vocab_size=DEMO_VOCAB)
     tokenizer = Tokenizer.load(tok_dir)
 
-    cfg = TeacherConfig(
-        train=prepared.path("train"), valid=prepared.path("valid"), tokenizer=tok_dir, out=teacher_run,
-        size=teacher_size,
-        # Chosen by measurement on 2 cores (README, "Demo"): small batches learn fastest per CPU minute; a
-        # peak rate of 2e-3 collapsed the post-LN encoder (the decoder then ignored the source), 7e-4 did not.
-        optim=OptimConfig(lr=DEMO_LR, warmup_steps=200, max_tokens=3000, eval_every=400, checkpoint_every=200,
-                          max_minutes=teacher_minutes),
-    )
+    cfg = demo_teacher_config(workdir, prepared, size=teacher_size, steps=teacher_steps, minutes=teacher_minutes)
     started = time.monotonic()
-    console.print(f"[bold]3/{STEPS} teacher[/]: Marian '{teacher_size}', budget {teacher_minutes:g} min (resumes)")
+    cap = f", capped at {teacher_minutes:g} min" if teacher_minutes else ""
+    console.print(f"[bold]3/{STEPS} teacher[/]: Marian '{teacher_size}', {teacher_steps:,} steps{cap} (resumes)")
     state = train_teacher(cfg)
     console.print(f"    {state.finished}: {state.step} steps, best valid loss {state.best_valid:.3f}")
 
@@ -120,8 +113,8 @@ def run_demo(workdir: Path, *, teacher_minutes: float, teacher_size: str, studen
         cfg = demo_student_config(workdir, prepared, datasets[mode], loss, size=student_size, steps=student_steps)
         student = train_student(cfg)  # returns the saved results when this exact student is done
         console.print(f"    {loss:<8} BLEU {student['bleu']:.2f}  chrF {student['chrf']:.2f}  "
-                      f"({student['steps']} steps, {student['stopped']}; best valid BLEU "
-                      f"{student['best_valid_bleu']:.2f} at step {student['best_step']})")
+                      f"({student['steps']} steps, {student['stopped']}; selected valid BLEU "
+                      f"{student['selected_valid_bleu']:.2f} at step {student['selected_step']})")
         results["students"][loss] = student | {"dataset": datasets[mode]}
     results["wall_minutes_this_run"] = round((time.monotonic() - started) / 60, 1)
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
@@ -146,9 +139,25 @@ def results_table(results: dict, *, teacher_size: str, student_size: str) -> Tab
                "hybrid": "beam output + its top-8"}
     for loss, s in results["students"].items():
         table.add_row(f"student ({student_size}) {loss}", sources[loss], f"{s['parameters'] / 1e6:.1f}M",
-                      f"{s['bleu']:.2f}", f"{s['chrf']:.2f}", f"step {s['best_step']:,} / {s['steps']:,}",
+                      f"{s['bleu']:.2f}", f"{s['chrf']:.2f}", f"step {s['selected_step']:,} / {s['steps']:,}",
                       f"{s['train_minutes']:.1f} min")
     return table
+
+
+def demo_teacher_config(workdir: Path, prepared, *, size: str, steps: int, minutes: float | None = None):
+    """The demo's teacher: a step budget, so the same command gives the same teacher on a busy machine as on an
+    idle one (a wall-clock budget gave 859 steps on one run and 1,074 on another); ``minutes`` is an optional cap."""
+    from trainers.loop import OptimConfig
+    from trainers.teacher import TeacherConfig
+
+    return TeacherConfig(
+        train=prepared.path("train"), valid=prepared.path("valid"), tokenizer=workdir / "tokenizer",
+        out=workdir / "teacher", size=size,
+        # Chosen by measurement on 2 cores (README, "Demo"): small batches learn fastest per CPU minute; a
+        # peak rate of 2e-3 collapsed the post-LN encoder (the decoder then ignored the source), 7e-4 did not.
+        optim=OptimConfig(lr=DEMO_LR, warmup_steps=200, max_tokens=3000, eval_every=400, checkpoint_every=200,
+                          max_steps=steps, max_minutes=minutes),
+    )
 
 
 def demo_distill_spec(workdir: Path, train: Path, teacher: Path, mode: str = "teacher_forcing"):

@@ -15,6 +15,8 @@ from pipeline.errors import InputError
 from pipeline.tokenizer import Tokenizer, vocab_hash
 
 EVAL_RECORD = "distillery_eval.json"  # written by `distillery eval` next to the model; not part of its identity
+# Weight files of a Hugging Face checkpoint (e.g. a run's best/): never part of a CTranslate2 model directory.
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 COMPUTE_TYPES = ("int8", "int8_float32", "float32", "int16", "float16", "bfloat16", "default", "auto")
 
 
@@ -27,6 +29,9 @@ def check_model_dir(model_dir: str | Path) -> Path:
     path = Path(model_dir)
     if not path.is_dir():
         raise TeacherError(f"teacher model directory not found: {path}")
+    if any((path / name).is_file() for name in HF_WEIGHTS):
+        raise TeacherError(f"{path} is a Hugging Face checkpoint, not a CTranslate2 model: convert it with "
+                           f"`distillery export {path} --out CT2_DIR`")
     if not (path / "model.bin").is_file():
         raise TeacherError(
             f"{path} has no model.bin: not a CTranslate2 model "

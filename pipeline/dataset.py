@@ -128,6 +128,7 @@ class ShardEntry(BaseModel):
     examples: int = Field(ge=0)
     rows: int = Field(ge=0, description="(example, hypothesis) rows")
     target_tokens: int = Field(ge=0, description="positions of hyp_ids, i.e. top-k entries per k")
+    cut_at_max_length: int = Field(0, ge=0, description="rows cut at decoding.max_length")
     bytes: int = Field(ge=0, description="size of the Parquet file")
     sha256: str = Field(description="'sha256:' + hex digest of the Parquet file")
 
@@ -208,6 +209,8 @@ class Counts(BaseModel):
     examples: int = Field(ge=0, description="records kept (valid and not filtered)")
     rows: int = Field(ge=0)
     target_tokens: int = Field(ge=0)
+    cut_at_max_length: int = Field(0, ge=0, description="rows cut at decoding.max_length (hypotheses and, in "
+                                   "teacher_forcing, references)")
     bytes: int = Field(ge=0, description="bytes of all shards")
     rejected: dict[str, int] = Field(description="rejected records by reason")
 

@@ -146,7 +146,7 @@ class ShardWriter:
         return out
 
     def write_shard(self, shard: int) -> Sidecar:
-        from pipeline.worker import shard_seed
+        from pipeline.worker import cut_rows, shard_seed
 
         size = self.spec.output.shard_size
         examples = self.examples.slice(shard * size, size)
@@ -166,6 +166,7 @@ class ShardWriter:
             examples=examples.num_rows,
             rows=table.num_rows,
             target_tokens=int(sum(len(x) for x in table.column("hyp_ids").to_pylist())),
+            cut_at_max_length=cut_rows(table, self.worker.eos),
             bytes=len(data),
             sha256=sha256_bytes(data),
             seconds=round(time.monotonic() - started, 3),
@@ -394,6 +395,7 @@ def _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprin
             examples=corpus.kept,
             rows=sum(s.rows for s in shards),
             target_tokens=sum(s.target_tokens for s in shards),
+            cut_at_max_length=sum(s.cut_at_max_length for s in shards),
             bytes=sum(s.bytes for s in shards),
             rejected=corpus.rejected,
         ),

@@ -23,7 +23,8 @@ log-probs kept per target position) is a parameter of the schema: build it with
 | `noise` | `string` | JSON of the noise applied to the example (4) |
 
 (1) the decode mode that produced the row's target side. (2) the reference ids
-when teacher-forced (`hyp_kind == "reference"`), the hypothesis ids otherwise.
+when teacher-forced (`hyp_kind == "reference"`), cut at `decoding.max_length` like
+hypotheses; the hypothesis ids otherwise.
 (3) ``log1p(-sum(exp(topk_logprobs)))`` from full-precision log-probs, floored
 at ``TAIL_FLOOR`` (-30) when the top k hold ~all the mass.
 (4) e.g. ``{"source":[["delete",3],["sub",5,"word"]]}``, see

@@ -59,7 +59,8 @@ class DecodingSpec(_Strict):
     beam_size: int = Field(4, ge=1, le=64, description="beam mode only")
     num_hypotheses: int = Field(1, ge=1, le=64, description="rows per example (beam: n-best, sample: n)")
     length_penalty: float = Field(1.0, ge=-10, le=10, description="beam mode only: exponent on the length")
-    max_length: int = Field(256, ge=1, le=4096, description="max target tokens, </s> included")
+    max_length: int = Field(256, ge=1, le=4096, description="max target tokens, </s> included: longer hypotheses "
+                            "and (teacher_forcing) references are cut, counted in counts.cut_at_max_length")
     temperature: float = Field(1.0, gt=0, le=100, description="sample mode only")
     top_p: float = Field(1.0, gt=0, le=1, description="sample mode only: nucleus size")
     seed: int = Field(0, ge=0, lt=2**63, description="sample mode only")

@@ -22,6 +22,10 @@ from pathlib import Path
 from pipeline.errors import InputError
 
 EOS, UNK, PAD = "</s>", "<unk>", "<pad>"
+# Every file a tokenizer directory of either kind may hold. A model directory (a CTranslate2 teacher, a
+# checkpoint) often holds its tokenizer beside the weights: copying a tokenizer means copying these only.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "source.spm", "target.spm", "vocab.json")
 
 
 class TokenizerError(InputError):
@@ -183,6 +187,21 @@ class Tokenizer:
     def vocab_hash(self) -> str:
         """Content hash of the vocabulary; teacher and student must share it for token-level KD."""
         return vocab_hash(self.tokens)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copies the tokenizer files of ``src`` (and nothing else: no weights, no model vocabulary) into ``dst``.
+
+    Returns:
+        The names copied (none when ``src`` holds no tokenizer).
+    """
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    names = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    for name in names:
+        shutil.copy2(src / name, dst / name)
+    return names
 
 
 def vocab_hash(tokens: Sequence[str]) -> str:

@@ -4,7 +4,8 @@ Per sub-batch (examples sorted by length, cut by a token budget) it decodes in t
 reduces CTranslate2's full-vocabulary logits to the top k **immediately**, so a worker's memory never grows
 with corpus size. Top-k runs in torch (numpy's argpartition is slower than the int8 teacher itself).
 
-* ``teacher_forcing`` — one pass with the reference as ``target_prefix``.
+* ``teacher_forcing`` — one pass with the reference as ``target_prefix``, cut at ``decoding.max_length``
+  tokens like every decoded hypothesis (the kept positions' distributions are exact: decoding is causal).
 * ``greedy`` — one pass; CTranslate2 returns the logits of the steps it took.
 * ``beam`` / ``sample`` — CTranslate2 returns no per-step logits here, so the chosen hypotheses get a
   second, teacher-forced pass.
@@ -134,7 +135,7 @@ class TeacherWorker:
         dec, mode = self.spec.decoding, self.spec.decoding.mode
         source_tokens = [self._tokens(src[i]) for i in sub]
         if mode == DecodeMode.TEACHER_FORCING:
-            self._forced(sub, source_tokens, [tgt[i] for i in sub], [0] * len(sub), rows)
+            self._forced(sub, source_tokens, [tgt[i][: dec.max_length] for i in sub], [0] * len(sub), rows)
             return
         common = dict(max_decoding_length=dec.max_length, min_decoding_length=0, max_batch_size=0)
         if mode == DecodeMode.GREEDY:
@@ -187,6 +188,16 @@ class TeacherWorker:
         rows.topk_ids.append(indices.numpy().astype(np.int32))
         rows.topk_lp.append(values.numpy())
         rows.tail.append(schema.tail_logprob(values.numpy()))
+
+
+def cut_rows(table: pa.Table, eos: int) -> int:
+    """Rows whose ``hyp_ids`` were cut at ``max_length``: every complete sequence ends with ``</s>``."""
+    hyp = table.column("hyp_ids").combine_chunks()
+    if len(hyp) == 0:
+        return 0
+    offsets = hyp.offsets.to_numpy()
+    last = hyp.flatten().to_numpy()[offsets[1:] - offsets[0] - 1]
+    return int((last != eos).sum())
 
 
 def shard_seed(seed: int, shard: int) -> int:

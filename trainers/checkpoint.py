@@ -48,14 +48,18 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_model(model, tokenizer_dir: Path | None, out: Path) -> None:
-    """Saves an HF model (and copies its tokenizer files) to ``out`` atomically."""
+    """Saves an HF model (and copies its tokenizer files) to ``out`` atomically.
+
+    Only tokenizer files are copied: ``tokenizer_dir`` may be a CTranslate2 teacher directory, whose
+    ``model.bin`` beside the HF weights would make ``out`` look like (and fail as) a CTranslate2 model.
+    """
+    from pipeline.tokenizer import copy_tokenizer_files
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file() and f.name not in ("config.json", "generation_config.json"):
-                shutil.copy2(f, tmp / f.name)
+        copy_tokenizer_files(tokenizer_dir, tmp)
     _replace_dir(tmp, out)
 
 

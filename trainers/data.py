@@ -9,11 +9,15 @@ Rows are held as flat numpy arrays plus offsets (no Python object per token). Ba
 (seed, epoch) — and each of ``world_size`` workers takes its own slice of every batch. No example is seen by
 two workers in a step, every worker knows the global token count of the step without communicating, and a
 run on N workers follows the same batches as a run on one.
+
+The ``nll`` baseline may instead read a prepared corpus (``ReferenceCorpus``): the same rows, without top-k.
+Rows longer than the student's ``max_positions`` are skipped and counted, whichever the source.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -71,17 +75,33 @@ class Rows:
         return np.diff(self.hyp_off)
 
 
-class DistilledDataset:
+class TrainingRows:
+    """What a student trains on: ``rows``, how many were skipped as too long, and the global batch plan."""
+
+    rows: Rows
+    skipped_too_long: int = 0
+
+    def plan(self, *, max_tokens: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
+        """The global batch plan of an epoch: row indices per batch, identical on every worker."""
+        return token_batches(self.rows.lengths, max_tokens=max_tokens, seed=seed, epoch=epoch, shuffle=shuffle)
+
+
+class DistilledDataset(TrainingRows):
     """A distilled dataset in a store, checked against its manifest and the student's tokenizer."""
 
     def __init__(self, store_uri: str, name: str, *, tokenizer: Tokenizer, endpoint: str | None = None,
-                 max_rank: int | None = None):
+                 max_rank: int | None = None, max_positions: int | None = None):
         """
         Args:
             store_uri: local directory or ``s3://bucket/prefix`` holding datasets.
             name: dataset name (a directory of the store).
             tokenizer: the student's tokenizer; its vocabulary hash must equal the teacher's.
             max_rank: keep hypotheses with ``hyp_rank < max_rank`` (e.g. 1 = 1-best only).
+            max_positions: the student's longest sequence; longer rows are skipped and counted in
+                ``skipped_too_long``.
+
+        Raises:
+            DatasetError: also when every row is longer than ``max_positions``.
         """
         try:
             self.name = check_name(name)
@@ -104,6 +124,8 @@ class DistilledDataset:
                                f"teacher vocabulary of {name!r} ({theirs[:19]}…): token-level KD needs the same one")
         self.top_k = manifest.top_k
         self.max_rank = max_rank
+        self.max_positions = max_positions
+        self.skipped_too_long = 0
         self.rows = self._load()
 
     def _load(self) -> Rows:
@@ -112,19 +134,76 @@ class DistilledDataset:
         table = pads.dataset(files, filesystem=self.store.filesystem, format="parquet").to_table(columns=columns)
         if self.max_rank is not None:
             table = table.filter(pa.compute.less(table["hyp_rank"], self.max_rank))
-        src, src_off = _flat(table["source_ids"])
-        hyp, hyp_off = _flat(table["hyp_ids"])
+        table, self.skipped_too_long = _drop_long(table, self.max_positions, f"dataset {self.name!r}")
+        return _rows(table, self.top_k)
+
+
+class ReferenceCorpus(TrainingRows):
+    """A prepared corpus (``data prepare``'s train Parquet: ``source``/``target`` text) as training rows.
+
+    The ``nll`` baseline trains on references only, so it needs no distilled dataset: the texts are tokenized
+    with the student's tokenizer (as the teacher-forcing job tokenizes them) and become the same ``Rows``,
+    with no top-k (``k = 0``), so batching, collation and the length rule are those of a distilled dataset.
+    """
+
+    def __init__(self, path: str | Path, *, tokenizer: Tokenizer, max_positions: int | None = None):
+        """
+        Args:
+            path: Parquet file with ``source`` and ``target`` columns.
+            tokenizer: the student's tokenizer.
+            max_positions: as for ``DistilledDataset``.
+        """
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        if not path.is_file():
+            raise DatasetError(f"corpus not found: {path}")
+        try:
+            text = pq.read_table(path, columns=["source", "target"])
+        except (pa.ArrowException, OSError) as exc:
+            raise DatasetError(f"{path} is not a Parquet file with source and target columns: {exc}") from None
+        if text.num_rows == 0:
+            raise DatasetError(f"corpus {path} holds no pairs")
+        ids = pa.list_(pa.int32())
+        table = pa.table({"source_ids": pa.array(tokenizer.encode_source(text["source"].to_pylist()), ids),
+                          "hyp_ids": pa.array(tokenizer.encode_target(text["target"].to_pylist()), ids)})
+        table, self.skipped_too_long = _drop_long(table, max_positions, str(path))
+        self.rows = _rows(table, 0)
+
+
+def _drop_long(table: pa.Table, max_positions: int | None, what: str) -> tuple[pa.Table, int]:
+    """``table`` without the rows whose source or target ids exceed ``max_positions``, and how many those were.
+
+    A Marian model has a position embedding per position up to ``max_positions``: a longer row cannot be
+    trained on. Skipping it (rather than cutting it) keeps every kept row's target the translation of its
+    source, and the teacher's top-k along it exact.
+    """
+    if max_positions is None or table.num_rows == 0:
+        return table, 0
+    fits = pa.compute.and_(pa.compute.less_equal(pa.compute.list_value_length(table["source_ids"]), max_positions),
+                           pa.compute.less_equal(pa.compute.list_value_length(table["hyp_ids"]), max_positions))
+    kept = table.filter(fits)
+    if kept.num_rows == 0:
+        raise DatasetError(f"every row of {what} is longer than the student's max_positions ({max_positions})")
+    return kept, table.num_rows - kept.num_rows
+
+
+def _rows(table: pa.Table, k: int) -> Rows:
+    """A table of shard columns → ``Rows``; without top-k columns (``k = 0``) their arrays are empty."""
+    src, src_off = _flat(table["source_ids"])
+    hyp, hyp_off = _flat(table["hyp_ids"])
+    positions, n = len(hyp), table.num_rows
+    if k == 0:
+        topk_ids, topk_lp = np.zeros((positions, 0), np.int32), np.zeros((positions, 0), np.float16)
+        tail, score, rank = np.zeros(positions, np.float16), np.zeros(n, np.float32), np.zeros(n, np.int16)
+    else:
         ids_inner, _ = _flat(table["topk_ids"])
         lp_inner, _ = _flat(table["topk_logprobs"])
         tail, _ = _flat(table["tail_logprob"])
-        k = self.top_k
-        return Rows(src=src.astype(np.int64), src_off=src_off, hyp=hyp.astype(np.int64), hyp_off=hyp_off,
-                    topk_ids=np.asarray(ids_inner).reshape(-1, k), topk_logprobs=np.asarray(lp_inner).reshape(-1, k),
-                    tail=np.asarray(tail), score=table["score"].to_numpy(), rank=table["hyp_rank"].to_numpy())
-
-    def plan(self, *, max_tokens: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
-        """The global batch plan of an epoch: row indices per batch, identical on every worker."""
-        return token_batches(self.rows.lengths, max_tokens=max_tokens, seed=seed, epoch=epoch, shuffle=shuffle)
+        topk_ids, topk_lp = np.asarray(ids_inner).reshape(-1, k), np.asarray(lp_inner).reshape(-1, k)
+        score, rank = table["score"].to_numpy(), table["hyp_rank"].to_numpy()
+    return Rows(src=src.astype(np.int64), src_off=src_off, hyp=hyp.astype(np.int64), hyp_off=hyp_off,
+                topk_ids=topk_ids, topk_logprobs=topk_lp, tail=np.asarray(tail), score=score, rank=rank)
 
 
 def collate(rows: Rows, idx: np.ndarray, *, pad_id: int, global_tokens: int) -> dict[str, torch.Tensor]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pipeline.tokenizer import copy_tokenizer_files
+
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int16", "float16", "bfloat16")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "source.spm", "target.spm", "vocab.json")
 
 
 class ExportError(ValueError):
@@ -44,9 +44,7 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
     except Exception as exc:  # the converter raises bare Exceptions; name the checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"cannot convert {checkpoint}: {exc}") from exc
-    for name in TOKENIZER_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, tmp / name)
+    copy_tokenizer_files(checkpoint, tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

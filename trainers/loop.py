@@ -232,7 +232,8 @@ def fit(
                 save_model(unwrap(model), tokenizer_dir, run_dir / "best")
         else:
             state.bad_evals += 1
-        record |= {"best_step": state.best_step, "best": state.best_valid}
+        best_value = state.best_bleu if cfg.select_by == "valid_bleu" else state.best_valid
+        record |= {"best_step": state.best_step, "best_by": cfg.select_by, "best_value": best_value}
         state.history.append(record)
         if dist.is_main:
             append_metrics(run_dir, record)

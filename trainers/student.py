@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.dataset import DatasetName
 from trainers.loop import OptimConfig
@@ -38,7 +38,9 @@ class StudentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: DatasetRef
+    dataset: DatasetRef | None = Field(None, description="the distilled dataset to train on")
+    corpus: Path | None = Field(None, description="instead of a dataset, for loss nll only: a prepared corpus "
+                                "Parquet with source/target text (`data prepare`'s train.parquet)")
     valid: Path = Field(description="Parquet with source/target: validation NLL on the references")
     test: Path | None = Field(None, description="Parquet with source/target: BLEU/chrF after training")
     tokenizer: Path = Field(description="the teacher's tokenizer (vocabulary hash checked)")
@@ -55,6 +57,27 @@ class StudentConfig(BaseModel):
     bleu_sentences: int = Field(300, gt=0, description="valid sentences decoded for that BLEU")
     optim: OptimConfig = OptimConfig()
 
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if (self.dataset is None) == (self.corpus is None):
+            raise ValueError("give either dataset (a distilled dataset) or corpus (references, for loss nll)")
+        if self.corpus is not None and self.loss.name != "nll":
+            raise ValueError(f"corpus holds references only: it trains loss nll, not {self.loss.name} "
+                             "(distil a dataset for KD losses)")
+        return self
+
+
+def training_rows(cfg: StudentConfig, tok, *, max_rank: int | None):
+    """The rows ``cfg`` trains on (``trainers.data``), rows longer than the student's ``max_positions`` skipped."""
+    from trainers.data import DistilledDataset, ReferenceCorpus
+    from trainers.models import resolve_size
+
+    max_positions = resolve_size(cfg.size).max_positions
+    if cfg.corpus is not None:
+        return ReferenceCorpus(cfg.corpus, tokenizer=tok, max_positions=max_positions)
+    return DistilledDataset(cfg.dataset.store, cfg.dataset.name, tokenizer=tok, endpoint=cfg.dataset.s3_endpoint,
+                            max_rank=max_rank, max_positions=max_positions)
+
 
 def _worker_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
@@ -64,10 +87,11 @@ def _worker_loop(config: dict) -> None:
 
     from pipeline.evaluate import score
     from pipeline.tokenizer import Tokenizer
-    from trainers.data import DistilledDataset, collate, worker_slice
+    from trainers.checkpoint import append_metrics
+    from trainers.data import collate, worker_slice
     from trainers.loop import Dist, fit, unwrap
     from trainers.losses import compute_loss, make_gate, nll
-    from trainers.models import build_marian
+    from trainers.models import build_marian, resolve_size
     from trainers.teacher import load_pairs, make_batches
 
     cfg = StudentConfig.model_validate(config)
@@ -75,8 +99,11 @@ def _worker_loop(config: dict) -> None:
     dist = Dist(rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
     torch.set_num_threads(cfg.threads_per_worker)
     tok = Tokenizer.load(cfg.tokenizer)
-    data = DistilledDataset(cfg.dataset.store, cfg.dataset.name, tokenizer=tok, endpoint=cfg.dataset.s3_endpoint,
-                            max_rank=cfg.max_rank)
+    data = training_rows(cfg, tok, max_rank=cfg.max_rank)
+    max_positions = resolve_size(cfg.size).max_positions
+    if dist.is_main:  # results.json reports the last of these
+        append_metrics(cfg.out, {"event": "data", "rows": len(data.rows), "skipped_too_long": data.skipped_too_long,
+                                 "max_positions": max_positions})
     torch.manual_seed(cfg.optim.seed)
     model = build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id)
     gate = make_gate(cfg.loss, d_model=model.config.d_model)
@@ -114,7 +141,7 @@ def _worker_loop(config: dict) -> None:
                        decoder_input_ids=batch["decoder_input_ids"]).logits[..., :-1]
         return nll(logits, batch["labels"]), int((batch["labels"] != -100).sum())
 
-    vsrc, vtgt = load_pairs(cfg.valid, tok, 256)
+    vsrc, vtgt = load_pairs(cfg.valid, tok, max_positions)  # cut (not skipped) like the teacher's valid split
     valid = make_batches(vsrc, vtgt, pad_id=pad_id, max_tokens=opt.max_tokens, seed=0, epoch=0, shuffle=False)
     bleu_pairs = pq.read_table(cfg.valid, columns=["source", "target"]).slice(0, cfg.bleu_sentences).to_pylist()
     last_bleu = {"bucket": 0}
@@ -128,7 +155,8 @@ def _worker_loop(config: dict) -> None:
             last_bleu["bucket"] = bucket
             bleu = 0.0
             if dist.is_main:  # one worker decodes; the sum shares its BLEU so all take the same selection decision
-                hyps = greedy_translate(unwrap(model), tok, [p["source"] for p in bleu_pairs], device=device)
+                hyps = greedy_translate(unwrap(model), tok, [p["source"] for p in bleu_pairs], device=device,
+                                        max_len=min(256, max_positions))
                 bleu = score(hyps, [p["target"] for p in bleu_pairs]).bleu
             record["valid_bleu"] = round(dist.all_sum(bleu)[0], 2)
 
@@ -169,14 +197,11 @@ def greedy_translate(model, tok, sources: list[str], *, device: torch.device, ba
 
 def _absolute_paths(cfg: StudentConfig) -> StudentConfig:
     """``cfg`` with its local paths resolved against the driver's working directory."""
-    store = cfg.dataset.store
-    if "://" not in store:
-        store = str(Path(store).resolve())
-    return cfg.model_copy(update={
-        "dataset": cfg.dataset.model_copy(update={"store": store}),
-        **{name: getattr(cfg, name).resolve() for name in ("valid", "test", "tokenizer", "out")
-           if getattr(cfg, name) is not None},
-    })
+    update = {name: getattr(cfg, name).resolve() for name in ("corpus", "valid", "test", "tokenizer", "out")
+              if getattr(cfg, name) is not None}
+    if cfg.dataset is not None and "://" not in cfg.dataset.store:
+        update["dataset"] = cfg.dataset.model_copy(update={"store": str(Path(cfg.dataset.store).resolve())})
+    return cfg.model_copy(update=update)
 
 
 def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
@@ -193,17 +218,19 @@ def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
 
     from pipeline.run import init_ray
     from pipeline.tokenizer import Tokenizer
-    from trainers.data import DistilledDataset
     from trainers.export import export_ct2
     from trainers.models import build_marian, count_parameters
 
-    cfg = _absolute_paths(cfg)  # Ray Train workers run in their own working directory
+    # Ray Train workers run in their own working directory; validating again checks fields set after loading.
+    cfg = StudentConfig.model_validate(_absolute_paths(cfg).model_dump())
     tok = Tokenizer.load(cfg.tokenizer)
-    DistilledDataset(cfg.dataset.store, cfg.dataset.name, tokenizer=tok, endpoint=cfg.dataset.s3_endpoint,
-                     max_rank=1)  # fail fast, in the driver, on a missing dataset or a vocabulary mismatch
+    # Fail fast, in the driver, on a missing dataset, a vocabulary mismatch or rows that all exceed max_positions.
+    training_rows(cfg, tok, max_rank=1)
     saved, done = cfg.out / "config.json", cfg.out / "results.json"
     if done.is_file() and saved.is_file() and StudentConfig.model_validate_json(saved.read_text()) == cfg:
-        return json.loads(done.read_text())  # this exact run is complete: nothing to train, export or score
+        results = json.loads(done.read_text())
+        if "selected_step" in results:  # this exact run is complete (and its summary is of this version)
+            return results
     cfg.out.mkdir(parents=True, exist_ok=True)
     saved.write_text(cfg.model_dump_json(indent=2))
     init_ray(address)
@@ -219,13 +246,16 @@ def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
     finished = [e for e in events if e["event"] == "finished"][-1]
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         params = count_parameters(build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id))
+    data = [e for e in events if e["event"] == "data"][-1]
+    # selected_*: the checkpoint in best/ (chosen by selected_by); last_valid_bleu: the last validation's.
     results = {"loss": cfg.loss.name, "parameters": params, "steps": finished["step"],
-               "selected_by": cfg.optim.select_by, "best_step": finished["best_step"],
-               "best_valid_nll": finished["best_valid"], "best_valid_bleu": finished["best_bleu"],
+               "selected_by": cfg.optim.select_by, "selected_step": finished["best_step"],
+               "selected_valid_nll": finished["best_valid"], "selected_valid_bleu": finished["best_bleu"],
+               "last_valid_bleu": next((e["valid_bleu"] for e in reversed(events) if "valid_bleu" in e), None),
                "train_minutes": round(finished["elapsed_s"] / 60, 2),
                "stopped": finished["reason"],
                "gate": next((e["gate"] for e in reversed(events) if "gate" in e), None),
-               "valid_bleu": next((e["valid_bleu"] for e in reversed(events) if "valid_bleu" in e), None)}
+               "train_rows": data["rows"], "skipped_too_long": data["skipped_too_long"]}
     ct2 = export_ct2(cfg.out / "best", cfg.out / "ct2", quantization="int8")
     if cfg.test is not None:
         import pyarrow.parquet as pq

@@ -88,6 +88,16 @@ def test_job_writes_shards_manifest_and_rejects(ray_local, corpus, tiny_teacher,
     assert [u.shards_done for u in updates][-1] == 3 and updates[-1].examples_done == 60
 
 
+def test_teacher_forcing_honours_max_length_and_counts_the_cut_rows(ray_local, corpus, tiny_teacher,
+                                                                     tiny_tokenizer, tmp_path):
+    manifest = run_job(make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path, decoding={"max_length": 10}))
+    table = read_dataset(tmp_path, "ds")
+    refs = table["target_ids"].to_pylist()
+    assert table["hyp_ids"].to_pylist() == [r[:10] for r in refs]
+    assert manifest["counts"]["cut_at_max_length"] == sum(len(r) > 10 for r in refs) > 0
+    assert manifest["counts"]["target_tokens"] == sum(min(len(r), 10) for r in refs)
+
+
 def test_rerun_skips_complete_shards_and_redoes_damaged_ones(ray_local, corpus, tiny_teacher, tmp_path):
     spec = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path)
     first = run_job(spec)

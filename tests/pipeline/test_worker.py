@@ -77,6 +77,19 @@ def test_teacher_forcing_rows_follow_the_reference(tiny_teacher, tiny_tokenizer,
     assert_rows_match_torch(table, torch_model, tiny_tokenizer.pad_id)
 
 
+def test_teacher_forcing_cuts_references_at_max_length(tiny_teacher, tiny_tokenizer, examples, torch_model,
+                                                      tmp_path):
+    from pipeline.worker import cut_rows
+
+    table = TeacherWorker(make_spec(tiny_teacher, tmp_path, max_length=12)).distill(examples)
+    refs = tiny_tokenizer.encode_target(examples.column("target").to_pylist())
+    assert table.num_rows == examples.num_rows  # cut, not dropped
+    assert table.column("hyp_ids").to_pylist() == [r[:12] for r in refs]
+    assert table.column("target_ids").to_pylist() == refs  # the reference itself stays whole
+    assert cut_rows(table, tiny_tokenizer.eos_id) == sum(len(r) > 12 for r in refs) > 0
+    assert_rows_match_torch(table, torch_model, tiny_tokenizer.pad_id)  # the kept positions are exact
+
+
 def torch_greedy(model, src: list[int], pad_id: int, eos_id: int, max_len: int) -> list[int]:
     """Plain argmax decoding in torch, independent of CTranslate2."""
     out = []

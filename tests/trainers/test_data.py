@@ -73,3 +73,40 @@ def test_vocabulary_mismatch_and_schema_version_are_refused(tiny_distilled, tiny
     (tmp_path / "store" / "old").rename(tmp_path / "store" / "old\n")  # a complete dataset under a bad name
     with pytest.raises(DatasetError, match="invalid dataset name"):
         DistilledDataset(str(tmp_path / "store"), "old\n", tokenizer=tiny_tokenizer)
+
+
+def test_rows_longer_than_max_positions_are_skipped_and_counted(tiny_distilled, tiny_tokenizer):
+    table = pads.dataset(f"{tiny_distilled['store']}/tf", format="parquet").to_table()
+    src = [len(x) for x in table["source_ids"].to_pylist()]
+    hyp = [len(x) for x in table["hyp_ids"].to_pylist()]
+    limit = sorted(max(s, h) for s, h in zip(src, hyp, strict=True))[len(src) // 2]  # about half the rows fit
+    fits = [max(s, h) <= limit for s, h in zip(src, hyp, strict=True)]
+    data = DistilledDataset(tiny_distilled["store"], "tf", tokenizer=tiny_tokenizer, max_positions=limit)
+    assert len(data.rows) == sum(fits) and data.skipped_too_long == len(fits) - sum(fits) > 0
+    assert data.rows.lengths.max() <= limit
+    first_kept = fits.index(True)
+    assert data.rows.hyp[:data.rows.hyp_off[1]].tolist() == table["hyp_ids"][first_kept].as_py()
+    with pytest.raises(DatasetError, match="longer than the student's max_positions"):
+        DistilledDataset(tiny_distilled["store"], "tf", tokenizer=tiny_tokenizer, max_positions=2)
+
+
+def test_reference_corpus_gives_the_rows_of_a_teacher_forcing_dataset(tiny_data, tiny_distilled, tiny_tokenizer):
+    """The nll baseline's reader: a prepared corpus tokenized by the student's tokenizer gives the same source and
+    target ids, in the same order, as the teacher-forcing job wrote for the same split."""
+    from trainers.data import ReferenceCorpus
+
+    corpus = ReferenceCorpus(tiny_data / "train.parquet", tokenizer=tiny_tokenizer)
+    table = pads.dataset(f"{tiny_distilled['store']}/tf", format="parquet").to_table().sort_by("index")
+    rows = corpus.rows
+    assert len(rows) == table.num_rows and corpus.skipped_too_long == 0
+    assert np.split(rows.src, rows.src_off[1:-1])[5].tolist() == table["source_ids"][5].as_py()
+    assert rows.hyp.tolist() == [t for ids in table["hyp_ids"].to_pylist() for t in ids]
+    assert rows.topk_ids.shape == (len(rows.hyp), 0)
+    batch = collate(rows, np.array([2, 0]), pad_id=tiny_tokenizer.pad_id, global_tokens=1)
+    assert batch["labels"][1, : rows.hyp_off[1]].tolist() == table["hyp_ids"][0].as_py()
+    short = ReferenceCorpus(tiny_data / "train.parquet", tokenizer=tiny_tokenizer, max_positions=30)
+    lengths = [max(len(s), len(t)) for s, t in zip(table["source_ids"].to_pylist(), table["hyp_ids"].to_pylist(),
+                                                     strict=True)]
+    assert short.skipped_too_long == sum(n > 30 for n in lengths) and len(short.rows) == sum(n <= 30 for n in lengths)
+    with pytest.raises(DatasetError, match="corpus not found"):
+        ReferenceCorpus(tiny_data / "nope.parquet", tokenizer=tiny_tokenizer)

@@ -98,7 +98,8 @@ def test_two_workers_select_by_valid_bleu(ray_local, tiny_distilled, tiny_data, 
     assert list(bleu) == [4, 8, 12]  # measured at every validation, not only every `bleu_every` steps
     first_best = next(step for step, value in bleu.items() if value == max(bleu.values()))
     assert results["selected_by"] == "valid_bleu"
-    assert results["best_step"] == first_best and results["best_valid_bleu"] == max(bleu.values())
+    assert results["selected_step"] == first_best and results["selected_valid_bleu"] == max(bleu.values())
+    assert results["last_valid_bleu"] == bleu[12]
 
 
 @pytest.mark.parametrize("loss, dataset", [("token", "tf"), ("sentence", "beam")])
@@ -156,3 +157,54 @@ def test_local_paths_are_resolved_for_the_workers(tmp_path, monkeypatch):
     assert resolved.tokenizer == tmp_path / "tok" and resolved.test is None
     s3 = cfg.model_copy(update={"dataset": DatasetRef(store="s3://bucket/prefix", name="d")})
     assert _absolute_paths(s3).dataset.store == "s3://bucket/prefix"
+
+
+def test_rows_longer_than_max_positions_are_skipped_counted_and_reported(ray_local, tiny_distilled, tiny_data,
+                                                                        tiny_tokenizer, tmp_path):
+    """A student with short positions trains on the rows that fit, and says how many it skipped."""
+    import pyarrow.dataset as pads
+
+    limit = 40
+    table = pads.dataset(f"{tiny_distilled['store']}/tf", format="parquet").to_table()
+    too_long = sum(max(len(s), len(h)) > limit for s, h in zip(table["source_ids"].to_pylist(),
+                                                                table["hyp_ids"].to_pylist(), strict=True))
+    assert 0 < too_long < table.num_rows
+    cfg = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "short", max_steps=4, select_by="valid_bleu")
+    cfg.size = SMALL.model_copy(update={"max_positions": limit})
+    results = train_student(cfg)
+    assert results["steps"] == 4
+    assert results["skipped_too_long"] == too_long and results["train_rows"] == table.num_rows - too_long
+
+
+def test_nll_student_trains_from_a_prepared_corpus(ray_local, tiny_distilled, tiny_data, tiny_tokenizer, tmp_path):
+    """`distillery train` with `corpus:` (no distilled dataset) and `--max-steps`: the same training as nll on the
+    teacher-forcing dataset of the same split, whose rows are the same references."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from distillery.cli import app
+
+    on_dataset = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "dataset", loss="nll", max_steps=4)
+    train_student(on_dataset)
+    data = json.loads(on_dataset.model_dump_json(exclude={"dataset"})) | {
+        "corpus": str(tiny_data / "train.parquet"), "out": str(tmp_path / "corpus")}
+    data["optim"]["max_steps"] = 100  # the command line's --max-steps wins
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "student.yaml"), "--max-steps", "4"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "corpus" / "results.json").read_text())
+    assert results["steps"] == 4 and results["loss"] == "nll" and results["skipped_too_long"] == 0
+    assert valid_curve(tmp_path / "corpus") == pytest.approx(valid_curve(tmp_path / "dataset"), rel=1e-6)
+
+
+def test_corpus_is_for_nll_only_and_excludes_a_dataset(tiny_data, tiny_tokenizer, tmp_path):
+    from pydantic import ValidationError
+
+    common = {"valid": tiny_data / "valid.parquet", "tokenizer": tiny_tokenizer.path, "out": tmp_path}
+    with pytest.raises(ValidationError, match="trains loss nll, not token"):
+        StudentConfig(corpus=tiny_data / "train.parquet", **common)
+    with pytest.raises(ValidationError, match="either dataset"):
+        StudentConfig(corpus=tiny_data / "train.parquet", dataset=DatasetRef(store="s", name="d"),
+                      loss=LossConfig(name="nll"), **common)
+    with pytest.raises(ValidationError, match="either dataset"):
+        StudentConfig(**common)

@@ -112,3 +112,20 @@ def test_bf16_autocast_trains_close_to_fp32(tiny_data, tiny_tokenizer, tmp_path)
     assert bf16 == pytest.approx(fp32, rel=0.02)  # ... and learns the same curve within bf16's precision
     assert bf16[-1] < bf16[0]
 
+
+
+def test_tokenizer_in_a_ct2_directory_puts_only_tokenizer_files_in_best(tiny_data, tiny_teacher, tmp_path):
+    """`tokenizer:` may be a CTranslate2 model directory (tokenizer beside model.bin): best/ must get the tokenizer,
+    not the teacher's weights and vocabulary, or it is neither a clean checkpoint nor a loadable CT2 model."""
+    from pipeline.tokenizer import Tokenizer
+    from trainers.export import export_ct2
+
+    ct2 = tiny_teacher["ct2_int8"]
+    cfg = TeacherConfig(train=tiny_data / "train.parquet", valid=tiny_data / "valid.parquet", tokenizer=ct2,
+                        out=tmp_path / "t", size="tiny", threads=1,
+                        optim=OptimConfig(max_steps=2, eval_every=2, warmup_steps=1, max_tokens=1024))
+    train_teacher(cfg, progress_bar=False)
+    best = tmp_path / "t" / "best"
+    assert not {"model.bin", "shared_vocabulary.json"} & {p.name for p in best.iterdir()}
+    assert Tokenizer.load(best).vocab_hash == Tokenizer.load(ct2).vocab_hash
+    assert (export_ct2(best, tmp_path / "ct2") / "model.bin").is_file()
