@@ -40,7 +40,7 @@ def write_spec(path: Path, corpus: Path, teacher: Path, store: Path, **sections)
 @pytest.mark.parametrize("args, expected", [
     (["data", "prepare", "--corpus", "c.tsv"], "error: Missing option '--out'"),  # a usage error
     (["data", "prepare", "--out", "{tmp}/out", "--corpus", "{tmp}/missing.tsv"], "error: corpus file not found"),
-    (["eval", "--model", "{tmp}/nowhere", "--test", "{tmp}/missing.tsv"], "error: corpus file not found"),
+    (["eval", "--model", "{tmp}/nowhere", "--test", "{tmp}/missing.tsv"], "error: teacher model directory not found"),
     (["distill", "{tmp}/missing.yaml"], "error: config file not found"),
     (["train", "{tmp}/missing.yaml"], "error: config file not found"),
 ])
