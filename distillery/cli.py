@@ -151,8 +151,9 @@ def teacher_train(
     out: Annotated[Path | None, typer.Option(help="run directory")] = None,
     size: Annotated[str | None, typer.Option(help="model preset: tiny|mini|small|medium|base|big")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="wall-clock budget")] = None,
+    restart: Annotated[bool, typer.Option(help="discard the run in --out and start over")] = False,
 ) -> None:
-    """Train a teacher with label-smoothed cross-entropy; resumes from its run directory."""
+    """Train a teacher with label-smoothed cross-entropy; resumes from its run directory (same settings only)."""
     from pipeline.config import load_config
     from trainers.teacher import TeacherConfig, train_teacher
 
@@ -166,7 +167,7 @@ def teacher_train(
         cfg = TeacherConfig(**{k: v for k, v in overrides.items() if v is not None})
     if max_minutes is not None:
         cfg.optim.max_minutes = max_minutes
-    state = train_teacher(cfg)
+    state = train_teacher(cfg, restart=restart)
     console.print(f"teacher: {state.finished} after {state.step} steps, best valid loss "
                   f"{state.best_valid:.3f} (step {state.best_step}) → {cfg.out / 'best'}")
 
@@ -217,6 +218,7 @@ def train(
     loss: Annotated[str | None, typer.Option(help="override loss.name: nll|token|sentence|hybrid|…")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS or embedded)")] = None,
+    restart: Annotated[bool, typer.Option(help="discard the run in `out` and start over")] = False,
 ) -> None:
     """Train a student from a distilled dataset on Ray Train, export it to CTranslate2 and score it."""
     from pipeline.config import load_config
@@ -227,7 +229,7 @@ def train(
     cfg = load_config(config, StudentConfig, workers=workers)
     if loss is not None:
         cfg.loss = LossConfig.model_validate(cfg.loss.model_dump() | {"name": loss})
-    results = train_student(cfg, address=address)
+    results = train_student(cfg, address=address, restart=restart)
     console.print(json.dumps(results, indent=2))
 
 

@@ -397,6 +397,11 @@ class LossConfig(BaseModel):
         get_loss(name)
         return name
 
+    def training_fields(self) -> dict:
+        """The name and the options this loss reads (another loss's option changes nothing)."""
+        fields = {"name": self.name} | {field: getattr(self, field) for field in _OPTIONS[self.name]}
+        return fields | ({"gate": self.gate} if self.name == "hybrid" else {})
+
 
 def make_gate(cfg: LossConfig, *, d_model: int) -> HybridGate | None:
     """The gate the ``hybrid`` loss needs (``None`` for every other loss)."""
