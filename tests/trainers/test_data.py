@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+import torch
 
 from trainers.batching import IGNORE
 from trainers.data import DatasetError, DistilledDataset, collate, worker_slice
@@ -30,17 +31,36 @@ def test_rows_match_the_shards(tiny_distilled, tiny_tokenizer):
 
 def test_collate_aligns_topk_with_labels(tiny_distilled, tiny_tokenizer):
     data = DistilledDataset(tiny_distilled["store"], "tf", tokenizer=tiny_tokenizer)
+    table = pads.dataset(f"{tiny_distilled['store']}/tf", format="parquet").to_table()
     idx = np.array([3, 0, 9])
     batch = collate(data.rows, idx, pad_id=tiny_tokenizer.pad_id, global_tokens=123)
     B, T = batch["labels"].shape
     assert batch["topk_ids"].shape == (B, T, 8) and batch["tail_logprob"].shape == (B, T)
     for b, i in enumerate(idx):
-        n = data.rows.hyp_off[i + 1] - data.rows.hyp_off[i]
-        assert (batch["labels"][b, :n] != IGNORE).all() and (batch["labels"][b, n:] == IGNORE).all()
-        # real positions carry log-probabilities; padding stays zero
-        assert batch["topk_logprobs"][b, :n].le(0).all() and batch["topk_logprobs"][b, :n, 0].lt(0).all()
-        assert (batch["topk_logprobs"][b, n:] == 0).all()
+        row = table.slice(int(i), 1).to_pylist()[0]  # read directly from the shard
+        n = len(row["hyp_ids"])
+        # position t: the label y_t and the teacher's distribution over y_t (read beside it in the shard)
+        assert batch["labels"][b, :n].tolist() == row["hyp_ids"] and (batch["labels"][b, n:] == IGNORE).all()
+        assert batch["topk_ids"][b, :n].tolist() == row["topk_ids"]
+        np.testing.assert_allclose(batch["topk_logprobs"][b, :n].numpy(), np.array(row["topk_logprobs"], np.float32))
+        np.testing.assert_allclose(batch["tail_logprob"][b, :n].numpy(), np.array(row["tail_logprob"], np.float32))
+        assert (batch["topk_logprobs"][b, n:] == 0).all()  # padding stays zero
     assert int(batch["global_tokens"]) == 123
+
+
+def test_collated_beam_tokens_lie_in_the_teachers_top_k_at_their_own_position(tiny_distilled, tiny_tokenizer):
+    """Beam search (size 4) only ever extends a hypothesis with one of its 4 best next tokens, so each
+    hypothesis token is in the teacher's top 8 at its own position — and mostly not at the neighbouring ones."""
+    data = DistilledDataset(tiny_distilled["store"], "beam", tokenizer=tiny_tokenizer)
+    batch = collate(data.rows, np.arange(64), pad_id=tiny_tokenizer.pad_id, global_tokens=0)
+    labels, ids = batch["labels"], batch["topk_ids"]
+
+    def hit_rate(lab: torch.Tensor, top: torch.Tensor) -> float:
+        real = lab != IGNORE
+        return float((top == lab[..., None]).any(-1)[real].float().mean())
+
+    assert hit_rate(labels, ids) > 0.97
+    assert hit_rate(labels[:, 1:], ids[:, :-1]) < 0.7 and hit_rate(labels[:, :-1], ids[:, 1:]) < 0.7
 
 
 def test_plan_is_global_and_worker_slices_partition_it(tiny_distilled, tiny_tokenizer):
