@@ -83,6 +83,8 @@ def _short(value) -> str:
 def _mismatch(run_dir: Path, what: str, saved: dict | None, current: dict) -> CheckpointError:
     if saved is None:
         detail = "it records no config fingerprint (written by an older version)"
+    elif "fields" not in saved:
+        detail = f"its config hash {saved['hash'][:19]}… is not this config's {current['hash'][:19]}…"
     else:
         old, new = saved.get("fields", {}), current["fields"]
         diffs = [f"{k}: {_short(old.get(k))} → {_short(new.get(k))}" for k in sorted(old.keys() | new.keys())
@@ -108,7 +110,7 @@ def check_resumable(run_dir: Path, current: dict) -> None:
     results = run_dir / "results.json"
     if results.is_file():
         saved_hash = json.loads(results.read_text()).get("config_hash")
-        if saved_hash != current["hash"]:
+        if saved_hash != current["hash"]:  # (a checkpoint, when there is one, matched: it cannot name the fields)
             raise _mismatch(run_dir, "results", None if saved_hash is None else {"hash": saved_hash}, current)
 
 

@@ -69,8 +69,8 @@ def _worker_loop(config: dict) -> None:
     from trainers.models import build_marian
     from trainers.teacher import load_pairs, make_batches
 
-    fp = config.pop("fingerprint")
-    cfg = StudentConfig.model_validate(config)
+    fp = config["fingerprint"]
+    cfg = StudentConfig.model_validate({k: v for k, v in config.items() if k != "fingerprint"})
     ctx = ray.train.get_context()
     dist = Dist(rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
     torch.set_num_threads(cfg.threads_per_worker)
