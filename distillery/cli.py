@@ -188,8 +188,9 @@ def teacher_train(
     max_steps: Annotated[int | None, typer.Option(help="step budget: the same model on any machine")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="wall-clock cap (the model then depends on the "
                                                            "machine's speed)")] = None,
+    restart: Annotated[bool, typer.Option(help="discard the run in --out and start over")] = False,
 ) -> None:
-    """Train a teacher with label-smoothed cross-entropy; resumes from its run directory."""
+    """Train a teacher with label-smoothed cross-entropy; resumes from its run directory (same settings only)."""
     from pipeline.config import load_config
     from trainers.teacher import TeacherConfig, train_teacher
 
@@ -205,7 +206,7 @@ def teacher_train(
         cfg.optim.max_steps = max_steps
     if max_minutes is not None:
         cfg.optim.max_minutes = max_minutes
-    state = train_teacher(cfg)
+    state = train_teacher(cfg, restart=restart)
     console.print(f"teacher: {state.finished} after {state.step} steps, best valid loss "
                   f"{state.best_valid:.3f} (step {state.best_step}) → {cfg.out / 'best'}")
 
@@ -263,6 +264,7 @@ def train(
     workers: Annotated[int | None, typer.Option(help="Ray Train workers")] = None,
     max_steps: Annotated[int | None, typer.Option(help="override optim.max_steps (the step budget)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS or embedded)")] = None,
+    restart: Annotated[bool, typer.Option(help="discard the run in `out` and start over")] = False,
 ) -> None:
     """Train a student from a distilled dataset (or, for nll, a prepared corpus) on Ray Train, export it to
     CTranslate2 and score it."""
@@ -276,7 +278,7 @@ def train(
         cfg.loss = LossConfig.model_validate(cfg.loss.model_dump() | {"name": loss})
     if max_steps is not None:
         cfg.optim = cfg.optim.model_copy(update={"max_steps": max_steps})
-    results = train_student(cfg, address=address)
+    results = train_student(cfg, address=address, restart=restart)
     console.print(json.dumps(results, indent=2))
 
 

@@ -26,6 +26,7 @@ from trainers.checkpoint import (
     Progress,
     append_metrics,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
     save_model,
 )
@@ -52,6 +53,14 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64)
         torch.distributed.all_reduce(t)
         return t.tolist()
+
+    def all_gather(self, obj) -> list:
+        """``obj`` of every worker, indexed by rank (any picklable value)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -83,6 +92,18 @@ class OptimConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, fp32 elsewhere; bf16 forces it (CPU too)")
     seed: int = 0
+
+    def trajectory_fields(self) -> dict:
+        """The settings that change the trained weights or the selected model: all but the budget and cadence
+        fields (``BUDGET_FIELDS``), so a run stopped by its budget continues under a larger one. A cosine
+        schedule decays over the whole budget, so there max_steps / max_epochs change the trajectory too."""
+        budget = BUDGET_FIELDS - ({"max_steps", "max_epochs"} if self.schedule == "cosine" else set())
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in budget}
+
+
+# How long to train and how often to look (validation draws no random numbers); patience is a stopping rule.
+BUDGET_FIELDS = frozenset({"max_epochs", "max_steps", "max_minutes", "eval_every", "patience", "checkpoint_every",
+                           "log_every"})
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -173,6 +194,7 @@ def fit(
     dist: Dist = Dist(),
     on_validate: Callable[[dict], None] | None = None,
     device: torch.device = CPU,
+    fingerprint: dict | None = None,
 ) -> Progress:
     """Trains ``model`` until max epochs/steps/minutes or early stopping; resumes from ``run_dir``.
 
@@ -187,6 +209,8 @@ def fit(
         on_validate: called with each validation record (e.g. to log gate values or report to Ray).
         device: where the model already is (or is moved to) and where batches are moved; with
             ``cfg.precision`` it decides autocast (``autocast_dtype``).
+        fingerprint: ``checkpoint.fingerprint()`` of the config fields that change training; stored in every
+            checkpoint, and a checkpoint with another one is refused (``CheckpointError``) instead of resumed.
 
     Returns:
         Final progress; ``progress.finished`` says why training stopped.
@@ -205,7 +229,8 @@ def fit(
     steps_per_epoch = len(train_batches(0))
     total = cfg.max_steps or steps_per_epoch * cfg.max_epochs
     scheduler = make_schedule(optimizer, cfg, total)
-    state = load_checkpoint(run_dir, unwrap(model), optimizer, scheduler) or Progress()
+    state = load_checkpoint(run_dir, unwrap(model), optimizer, scheduler, rank=dist.rank,
+                            world_size=dist.world_size, fingerprint=fingerprint) or Progress()
     if state.finished and state.finished != "early_stopping" and _budget_left(state, cfg):
         state.finished = ""  # a run that hit its budget continues when re-run with a larger one
     if state.finished:
@@ -282,8 +307,9 @@ def fit(
                 state.finished = "max_epochs"
         if state.finished and (not state.history or state.history[-1]["step"] != state.step):
             validate()  # the steps since the last validation may hold the best model
+        rng = dist.all_gather(rng_state())  # every worker's own: they draw different dropout masks
         if dist.is_main:
-            save_checkpoint(run_dir, unwrap(model), optimizer, scheduler, state)
+            save_checkpoint(run_dir, unwrap(model), optimizer, scheduler, state, rng=rng, fingerprint=fingerprint)
     bar.close()
     if dist.is_main:
         append_metrics(run_dir, {"event": "finished", "reason": state.finished, "step": state.step,

@@ -60,12 +60,27 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor
     return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
 
 
-def _teacher(batch: dict, *, bucket: bool, temperature: float) -> torch.Tensor:
-    """Teacher log-probs ``[B, T, k(+1)]``: stored top-k (+ tail bucket) divided by T, renormalised."""
+def _tempered_tail(tail_logprob: torch.Tensor, *, rest: int, temperature: float) -> torch.Tensor:
+    """``log`` of the tail bucket's tempered weight (before renormalisation), ``[B, T]``, times T.
+
+    The stored tail ``t`` is spread uniformly over the ``rest = V − k`` other tokens (the maximum-entropy
+    completion of the top k), and each of them is tempered like a top-k token: ``rest·(t/rest)^{1/T}``. Returned
+    multiplied by T, so that it sits beside ``log p_i`` in ``log_softmax(· / T)``:
+    ``T·log rest + log t − log rest``. At T = 1 (or with an empty tail) it is ``log t`` itself.
+    """
+    if temperature == 1 or rest == 0:
+        return tail_logprob
+    return tail_logprob + (temperature - 1) * math.log(rest)
+
+
+def _teacher(batch: dict, *, bucket: bool, temperature: float, vocab_size: int) -> torch.Tensor:
+    """Teacher log-probs ``[B, T, k(+1)]``: ``softmax(log p / T)`` over the stored top-k (+ tempered tail bucket)."""
     mask = (batch["labels"] != IGNORE)[..., None]
     logp = batch["topk_logprobs"].float()
     if bucket:
-        logp = torch.cat([logp, batch["tail_logprob"].float()[..., None]], dim=-1)
+        rest = vocab_size - logp.shape[-1]
+        tail = _tempered_tail(batch["tail_logprob"].float(), rest=rest, temperature=temperature)
+        logp = torch.cat([logp, tail[..., None]], dim=-1)
     logp = torch.where(mask, logp, 0.0)  # padding may be all -inf, whose log_softmax is NaN
     return F.log_softmax(logp / temperature, dim=-1).clamp_min(_LOG_FLOOR)
 
@@ -88,7 +103,8 @@ def _student(logits: torch.Tensor, ids: torch.Tensor, *, bucket: bool, temperatu
 def _support(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p, log q)`` ``[B, T, k+1]``: top-k plus the rest-of-vocabulary bucket, both proper distributions."""
     ids = batch["topk_ids"]
-    return _teacher(batch, bucket=True, temperature=1.0), _student(logits, ids, bucket=True, temperature=1.0)
+    log_p = _teacher(batch, bucket=True, temperature=1.0, vocab_size=logits.shape[-1])
+    return log_p, _student(logits, ids, bucket=True, temperature=1.0)
 
 
 def _nll_map(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -109,7 +125,7 @@ def _token_kd_map(
     if tail not in ("renormalize", "bucket"):
         raise ValueError(f"unknown tail {tail!r}; expected 'renormalize' or 'bucket'")
     bucket = tail == "bucket"
-    log_p = _teacher(batch, bucket=bucket, temperature=temperature)
+    log_p = _teacher(batch, bucket=bucket, temperature=temperature, vocab_size=logits.shape[-1])
     log_q = _student(logits, batch["topk_ids"], bucket=bucket, temperature=temperature)
     kd = _kl(log_p, log_q) * temperature**2  # T² keeps gradient magnitudes comparable across T (Hinton)
     if alpha == 1:
@@ -165,6 +181,13 @@ def token_kd(
     ``tail="renormalize"``: the teacher renormalised over its k ids, the student's full-vocab probabilities
     there. ``tail="bucket"``: a (k+1)-way distribution whose last entry is the mass outside the top k
     (teacher: ``exp(tail_logprob)``; student: ``1 − Σ_topk q``).
+
+    Temperature with the bucket: the shards store only the tail's total ``t``, so the teacher is completed to a
+    full-vocabulary distribution by spreading ``t`` uniformly over the ``V − k`` other tokens (the
+    maximum-entropy choice), and tempered there like the student: ``p_T ∝ [p_1^{1/T}, …, p_k^{1/T},
+    (V−k)·(t/(V−k))^{1/T}]``. Both sides are then the bucketed ``softmax(log · / T)`` of a full distribution, so
+    a student equal to that completion has zero loss at every T (tempering the tail as one token, ``t^{1/T}``,
+    would shrink it as T grows while the student's tail grows).
 
     Args:
         logits: ``[B, T, V]`` student scores.
@@ -373,6 +396,11 @@ class LossConfig(BaseModel):
     def _known(cls, name: str) -> str:
         get_loss(name)
         return name
+
+    def training_fields(self) -> dict:
+        """The name and the options this loss reads (another loss's option changes nothing)."""
+        fields = {"name": self.name} | {field: getattr(self, field) for field in _OPTIONS[self.name]}
+        return fields | ({"gate": self.gate} if self.name == "hybrid" else {})
 
 
 def make_gate(cfg: LossConfig, *, d_model: int) -> HybridGate | None:

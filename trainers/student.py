@@ -94,7 +94,8 @@ def _worker_loop(config: dict) -> None:
     from trainers.models import build_marian, resolve_size
     from trainers.teacher import load_pairs, make_batches
 
-    cfg = StudentConfig.model_validate(config)
+    fp = config["fingerprint"]
+    cfg = StudentConfig.model_validate({k: v for k, v in config.items() if k != "fingerprint"})
     ctx = ray.train.get_context()
     dist = Dist(rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
     torch.set_num_threads(cfg.threads_per_worker)
@@ -162,7 +163,7 @@ def _worker_loop(config: dict) -> None:
 
     fit(model, train_batches=train_batches, valid_batches=valid[dist.rank::dist.world_size], loss_fn=loss_fn,
         valid_loss_fn=valid_loss_fn, cfg=opt, run_dir=cfg.out, tokenizer_dir=cfg.tokenizer, progress_bar=False,
-        dist=dist, on_validate=on_validate, device=device)
+        dist=dist, on_validate=on_validate, device=device, fingerprint=fp)
 
 
 @torch.no_grad()
@@ -204,20 +205,44 @@ def _absolute_paths(cfg: StudentConfig) -> StudentConfig:
     return cfg.model_copy(update=update)
 
 
-def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
+def training_fingerprint(cfg: StudentConfig, data, tok) -> dict:
+    """``checkpoint.fingerprint`` of what changes a student's training: data by content, model, loss, optimiser
+    (no budgets), the number of workers (each draws its own dropout masks) and how the best model is chosen."""
+    from trainers.checkpoint import file_hash, fingerprint
+    from trainers.models import resolve_size
+
+    # The data by content: a distilled dataset's hash, or (nll from a prepared corpus) the Parquet file's.
+    data_id = file_hash(cfg.corpus) if cfg.corpus is not None else data.manifest.dataset_hash
+    fields = {"dataset": data_id, "max_rank": cfg.max_rank, "tokenizer": tok.vocab_hash,
+              "valid": file_hash(cfg.valid), "size": resolve_size(cfg.size).model_dump(),
+              "loss": cfg.loss.training_fields(), "workers": cfg.workers, "optim": cfg.optim.trajectory_fields()}
+    if cfg.optim.select_by == "valid_bleu":
+        fields["bleu_sentences"] = cfg.bleu_sentences
+    return fingerprint(fields)
+
+
+def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bool = False) -> dict:
     """Trains (or resumes) a student on Ray Train, exports the best checkpoint to CTranslate2 and scores it.
 
     When ``out`` already holds the results of this exact config they are returned as they are; otherwise
     the run trains, or resumes from its checkpoint.
 
+    Args:
+        restart: discard what ``cfg.out`` holds and start over (otherwise a run of another training
+            configuration there is refused).
+
     Returns:
-        The run summary also written to ``cfg.out / "results.json"``.
+        The run summary also written to ``cfg.out / "results.json"`` (with the ``config_hash`` it was trained under).
+
+    Raises:
+        CheckpointError: ``cfg.out`` holds a checkpoint or results of other training settings (they are named).
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.run import init_ray
     from pipeline.tokenizer import Tokenizer
+    from trainers.checkpoint import check_resumable, clear_run
     from trainers.export import export_ct2
     from trainers.models import build_marian, count_parameters
 
@@ -225,7 +250,11 @@ def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
     cfg = StudentConfig.model_validate(_absolute_paths(cfg).model_dump())
     tok = Tokenizer.load(cfg.tokenizer)
     # Fail fast, in the driver, on a missing dataset, a vocabulary mismatch or rows that all exceed max_positions.
-    training_rows(cfg, tok, max_rank=1)
+    data = training_rows(cfg, tok, max_rank=1)
+    fp = training_fingerprint(cfg, data, tok)
+    if restart:
+        clear_run(cfg.out, extra=("ct2", "results.json", "test.hyp.txt", "ray"))
+    check_resumable(cfg.out, fp)  # in the driver: a clear error before any worker starts
     saved, done = cfg.out / "config.json", cfg.out / "results.json"
     if done.is_file() and saved.is_file() and StudentConfig.model_validate_json(saved.read_text()) == cfg:
         results = json.loads(done.read_text())
@@ -236,7 +265,7 @@ def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
     init_ray(address)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config=cfg.model_dump(mode="json"),
+        train_loop_config=cfg.model_dump(mode="json") | {"fingerprint": fp},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.threads_per_worker}),
         run_config=RunConfig(name="train", storage_path=str((cfg.out / "ray").resolve())),
@@ -248,7 +277,7 @@ def train_student(cfg: StudentConfig, *, address: str | None = None) -> dict:
         params = count_parameters(build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id))
     data = [e for e in events if e["event"] == "data"][-1]
     # selected_*: the checkpoint in best/ (chosen by selected_by); last_valid_bleu: the last validation's.
-    results = {"loss": cfg.loss.name, "parameters": params, "steps": finished["step"],
+    results = {"loss": cfg.loss.name, "config_hash": fp["hash"], "parameters": params, "steps": finished["step"],
                "selected_by": cfg.optim.select_by, "selected_step": finished["best_step"],
                "selected_valid_nll": finished["best_valid"], "selected_valid_bleu": finished["best_bleu"],
                "last_valid_bleu": next((e["valid_bleu"] for e in reversed(events) if "valid_bleu" in e), None),

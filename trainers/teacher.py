@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.tokenizer import Tokenizer
 from trainers.batching import seq2seq_batch, token_batches
-from trainers.checkpoint import Progress
+from trainers.checkpoint import Progress, check_resumable, clear_run, file_hash, fingerprint
 from trainers.loop import OptimConfig, fit
 from trainers.losses import marian_logits, nll
-from trainers.models import ModelSize, build_marian, count_parameters
+from trainers.models import ModelSize, build_marian, count_parameters, resolve_size
 
 
 class TeacherConfig(BaseModel):
@@ -64,11 +64,32 @@ def make_batches(src, tgt, *, pad_id, max_tokens, seed, epoch, shuffle) -> list[
     ]
 
 
-def train_teacher(cfg: TeacherConfig, *, progress_bar: bool = True) -> Progress:
-    """Trains (or resumes) a teacher; the best model ends up in ``cfg.out / "best"``."""
+def training_fingerprint(cfg: TeacherConfig, tokenizer: Tokenizer) -> dict:
+    """``checkpoint.fingerprint`` of what changes the teacher's training (data by content; no budgets)."""
+    return fingerprint({
+        "train": file_hash(cfg.train), "valid": file_hash(cfg.valid), "tokenizer": tokenizer.vocab_hash,
+        "size": resolve_size(cfg.size).model_dump(), "label_smoothing": cfg.label_smoothing,
+        "max_source_tokens": cfg.max_source_tokens, "optim": cfg.optim.trajectory_fields(),
+    })
+
+
+def train_teacher(cfg: TeacherConfig, *, progress_bar: bool = True, restart: bool = False) -> Progress:
+    """Trains (or resumes) a teacher; the best model ends up in ``cfg.out / "best"``.
+
+    Args:
+        restart: discard what ``cfg.out`` holds and start over (otherwise a run of another training
+            configuration there is refused).
+
+    Raises:
+        CheckpointError: ``cfg.out`` holds a run whose training settings differ (they are named).
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = Tokenizer.load(cfg.tokenizer)
+    fp = training_fingerprint(cfg, tokenizer)
+    if restart:
+        clear_run(cfg.out, extra=("model_info.json",))
+    check_resumable(cfg.out, fp)  # before config.json is overwritten
     src, tgt = load_pairs(cfg.train, tokenizer, cfg.max_source_tokens)
     vsrc, vtgt = load_pairs(cfg.valid, tokenizer, cfg.max_source_tokens)
     if not src or not vsrc:
@@ -99,6 +120,7 @@ def train_teacher(cfg: TeacherConfig, *, progress_bar: bool = True) -> Progress:
         tokenizer_dir=cfg.tokenizer,
         progress_bar=progress_bar,
         device=resolve_device(cfg.device),
+        fingerprint=fp,
     )
 
 

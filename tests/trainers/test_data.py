@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+import torch
 
 from trainers.batching import IGNORE
 from trainers.data import DatasetError, DistilledDataset, collate, worker_slice
@@ -30,17 +31,46 @@ def test_rows_match_the_shards(tiny_distilled, tiny_tokenizer):
 
 def test_collate_aligns_topk_with_labels(tiny_distilled, tiny_tokenizer):
     data = DistilledDataset(tiny_distilled["store"], "tf", tokenizer=tiny_tokenizer)
+    table = pads.dataset(f"{tiny_distilled['store']}/tf", format="parquet").to_table()
     idx = np.array([3, 0, 9])
     batch = collate(data.rows, idx, pad_id=tiny_tokenizer.pad_id, global_tokens=123)
     B, T = batch["labels"].shape
     assert batch["topk_ids"].shape == (B, T, 8) and batch["tail_logprob"].shape == (B, T)
     for b, i in enumerate(idx):
-        n = data.rows.hyp_off[i + 1] - data.rows.hyp_off[i]
-        assert (batch["labels"][b, :n] != IGNORE).all() and (batch["labels"][b, n:] == IGNORE).all()
-        # real positions carry log-probabilities; padding stays zero
-        assert batch["topk_logprobs"][b, :n].le(0).all() and batch["topk_logprobs"][b, :n, 0].lt(0).all()
-        assert (batch["topk_logprobs"][b, n:] == 0).all()
+        row = table.slice(int(i), 1).to_pylist()[0]  # read directly from the shard
+        n = len(row["hyp_ids"])
+        # position t: the label y_t and the teacher's distribution over y_t (read beside it in the shard)
+        assert batch["labels"][b, :n].tolist() == row["hyp_ids"] and (batch["labels"][b, n:] == IGNORE).all()
+        assert batch["topk_ids"][b, :n].tolist() == row["topk_ids"]
+        np.testing.assert_allclose(batch["topk_logprobs"][b, :n].numpy(), np.array(row["topk_logprobs"], np.float32))
+        np.testing.assert_allclose(batch["tail_logprob"][b, :n].numpy(), np.array(row["tail_logprob"], np.float32))
+        assert (batch["topk_logprobs"][b, n:] == 0).all()  # padding stays zero
     assert int(batch["global_tokens"]) == 123
+
+
+def test_collate_keeps_each_positions_top_k_beside_its_label():
+    """Rows built so that position t's top-1 id is the label y_t and its log-probs and tail encode t: every
+    collated position must carry its own entries (a one-position shift of top-k against labels breaks all)."""
+    from trainers.data import Rows
+
+    lengths = [3, 5, 1, 4]
+    hyp = np.concatenate([np.arange(10 * r, 10 * r + n) for r, n in enumerate(lengths)])  # distinct labels
+    hyp_off = np.concatenate([[0], np.cumsum(lengths)])
+    position = np.concatenate([np.arange(n) for n in lengths])  # t within its row
+    rows = Rows(src=np.ones(sum(lengths), np.int64), src_off=hyp_off, hyp=hyp, hyp_off=hyp_off,
+                topk_ids=np.stack([hyp, hyp + 100], axis=1), topk_logprobs=-np.stack([position + 1.0, position + 2.0],
+                                                                                     axis=1).astype(np.float16),
+                tail=-(position + 3.0).astype(np.float32), score=np.zeros(len(lengths)), rank=np.zeros(len(lengths)))
+    idx = np.array([2, 0, 3, 1])
+    batch = collate(rows, idx, pad_id=999, global_tokens=0)
+    for b, i in enumerate(idx):
+        n = lengths[i]
+        labels = batch["labels"][b, :n]
+        assert labels.tolist() == list(range(10 * i, 10 * i + n)) and (batch["labels"][b, n:] == IGNORE).all()
+        assert (batch["topk_ids"][b, :n, 0] == labels).all() and (batch["topk_ids"][b, :n, 1] == labels + 100).all()
+        t = torch.arange(n, dtype=torch.float32)
+        assert batch["topk_logprobs"][b, :n].tolist() == torch.stack([-(t + 1), -(t + 2)], dim=1).tolist()
+        assert batch["tail_logprob"][b, :n].tolist() == (-(t + 3)).tolist()
 
 
 def test_plan_is_global_and_worker_slices_partition_it(tiny_distilled, tiny_tokenizer):

@@ -107,27 +107,41 @@ def test_token_kd_sees_student_mass_outside_the_top_k():
     assert token_kd(worse, batch).item() > token_kd(logits, batch).item() + 1.0
 
 
-def _bucket_by_hand(logits, batch, temperature: float) -> float:
-    """(k+1)-way KL with plain loops: teacher top-k + tail mass, student top-k + its remaining mass."""
-    losses = []
-    for b, t in positions(batch["labels"]):
-        lp = batch["topk_logprobs"][b, t].double().tolist() + [float(batch["tail_logprob"][b, t])]
-        scaled = [math.exp(x / temperature) for x in lp]
-        p = [x / sum(scaled) for x in scaled]
-        z = [math.exp(x / temperature) for x in logits[b, t].double().tolist()]
-        q_full = [x / sum(z) for x in z]
-        ids = batch["topk_ids"][b, t].tolist()
-        q = [q_full[i] for i in ids]
-        q.append(sum(q_full[i] for i in range(V) if i not in ids))
-        losses.append(temperature**2 * kl_explicit(p, q))
-    return sum(losses) / len(losses)
+def _completed_teacher(teacher: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-vocabulary teacher a shard describes: its top k kept, the tail mass spread uniformly over the
+    other V − k tokens. Returns (log-probs ``[B, T, V]``, top-k ids ``[B, T, k]``)."""
+    ids = teacher.topk(k, dim=-1).indices
+    in_top = torch.zeros_like(teacher, dtype=torch.bool).scatter(-1, ids, True)
+    tail = torch.where(in_top, 0.0, teacher.exp()).sum(-1, keepdim=True)
+    return torch.where(in_top, teacher, (tail / (V - k)).log()), ids
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.5])
-def test_token_kd_bucket_matches_hand_built_k_plus_1_distribution(temperature):
-    logits, batch, _ = make_batch(k=3)
+def _bucketed(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T, k+1]``: ``probs`` at ``ids`` and, last, the mass of every other token."""
+    top = probs.gather(-1, ids)
+    return torch.cat([top, probs.sum(-1, keepdim=True) - top.sum(-1, keepdim=True)], dim=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.5])
+def test_token_kd_bucket_equals_kl_of_the_tempered_full_teacher_bucketed(temperature):
+    """Expectation from a full V-way teacher (top-k + the tail spread uniformly), tempered over the whole
+    vocabulary with softmax(log p / T) and only then bucketed: the loss's tempered tail must be that one."""
+    k = 3
+    logits, batch, teacher = make_batch(k=k)
+    full, ids = _completed_teacher(teacher.double(), k)
+    p = _bucketed(torch.softmax(full / temperature, -1), ids)
+    q = _bucketed(torch.softmax(logits.double() / temperature, -1), ids)
+    expected = masked_mean(temperature**2 * kl_divergence(Categorical(probs=p), Categorical(probs=q)), batch["labels"])
     loss = token_kd(logits, batch, tail="bucket", temperature=temperature)
-    assert loss.item() == pytest.approx(_bucket_by_hand(logits, batch, temperature), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 4.0])
+def test_token_kd_bucket_is_zero_for_a_student_equal_to_the_completed_teacher(temperature):
+    """A student that is the shard's teacher (top-k + uniform tail) has nothing to learn at any temperature."""
+    _, batch, teacher = make_batch(k=3)
+    full, _ = _completed_teacher(teacher, 3)
+    assert token_kd(full, batch, tail="bucket", temperature=temperature).item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_token_kd_temperature_renormalize_manual():
@@ -277,14 +291,30 @@ def test_sentence_score_weighting_manual(scale):
 
 
 @pytest.mark.parametrize("kind", ["scalar", "token"])
-def test_hybrid_gradients_reach_the_gate(kind):
-    logits, batch, _ = make_batch()
+def test_hybrid_gradients_equal_the_analytic_gate_gradient(kind):
+    """At init g = 0.5 everywhere, so dL/d(gate input) = g(1−g)·(L_token − L_sentence) = ¼·(tok − sent) per
+    token (mean over tokens); tok and sent computed independently (torch.distributions KL, cross-entropy)."""
+    logits, batch, teacher = make_batch(k=V)
+    hidden = batch["hidden"].clone().requires_grad_()
     gate = HybridGate(kind, d_model=D)
-    hybrid(logits.requires_grad_(), batch, gate).backward()
-    grads = [p.grad for p in gate.parameters()]
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
-    assert logits.grad.abs().sum() > 0
+    leaf = logits.clone().requires_grad_()
+    hybrid(leaf, dict(batch, hidden=hidden), gate).backward()
     assert gate.last_value() == pytest.approx(0.5)  # zero init
+
+    mask = batch["labels"] != IGNORE
+    ref = logits.clone().requires_grad_()
+    tok = kl_divergence(Categorical(probs=teacher.exp()), Categorical(logits=ref))
+    sent = F.cross_entropy(ref.transpose(1, 2), batch["labels"], ignore_index=IGNORE, reduction="none")
+    masked_mean(0.5 * tok + 0.5 * sent, batch["labels"]).backward()
+    torch.testing.assert_close(leaf.grad, ref.grad)  # the student gets the equal mix of both losses' gradients
+
+    diff = torch.where(mask, tok - sent, 0.0).detach() / mask.sum()  # [B, T]
+    if kind == "scalar":
+        torch.testing.assert_close(gate.w.grad, 0.25 * diff.sum())
+    else:
+        torch.testing.assert_close(gate.proj.bias.grad, 0.25 * diff.sum()[None])
+        torch.testing.assert_close(gate.proj.weight.grad, 0.25 * (diff[..., None] * batch["hidden"]).sum((0, 1))[None])
+    assert hidden.grad is None  # the gate reads detached decoder states
 
 
 def test_hybrid_saturated_scalar_gate_gives_token_or_sentence_loss():

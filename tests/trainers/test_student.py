@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainers.checkpoint import CheckpointError
 from trainers.loop import OptimConfig
 from trainers.losses import LossConfig
 from trainers.models import ModelSize
@@ -16,10 +17,11 @@ pytestmark = pytest.mark.slow
 SMALL = ModelSize(d_model=32, encoder_layers=1, decoder_layers=1, heads=2, ffn_dim=64, dropout=0.0)
 
 
-def config(tiny_distilled, tiny_data, tiny_tokenizer, out, *, dataset="tf", loss="token", workers=1, **optim):
+def config(tiny_distilled, tiny_data, tiny_tokenizer, out, *, dataset="tf", loss="token", workers=1, size=SMALL,
+           **optim):
     return StudentConfig(
         dataset=DatasetRef(store=tiny_distilled["store"], name=dataset), valid=tiny_data / "valid.parquet",
-        tokenizer=tiny_tokenizer.path, out=out, size=SMALL, loss=LossConfig(name=loss), workers=workers,
+        tokenizer=tiny_tokenizer.path, out=out, size=size, loss=LossConfig(name=loss), workers=workers,
         optim=OptimConfig(**{"max_steps": 8, "eval_every": 4, "checkpoint_every": 4, "warmup_steps": 2,
                              "max_tokens": 1500, "lr": 3e-3} | optim))
 
@@ -52,6 +54,12 @@ def test_two_workers_follow_one_worker(ray_local, tiny_distilled, tiny_data, tin
     exported = (tmp_path / "one" / "ct2" / "model.bin").stat().st_mtime_ns
     assert train_student(config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "one")) == one  # done: reused
     assert (tmp_path / "one" / "ct2" / "model.bin").stat().st_mtime_ns == exported  # not exported again
+    # Another loss (or any setting that changes training) must not resume, nor relabel, the finished run.
+    other = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "one")
+    other.loss = LossConfig(name="token", temperature=2.0)
+    with pytest.raises(CheckpointError, match=r"(?s)loss\.temperature: 1\.0 → 2\.0.*--restart"):
+        train_student(other)
+    assert json.loads((tmp_path / "one" / "results.json").read_text()) == one and one["config_hash"]
     two = train_student(config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "two", workers=2))
     assert one["steps"] == two["steps"] == 8
     curve1, curve2 = valid_curve(tmp_path / "one"), valid_curve(tmp_path / "two")
@@ -64,21 +72,24 @@ def test_two_workers_follow_one_worker(ray_local, tiny_distilled, tiny_data, tin
 
 
 def test_resumed_run_continues_exactly(ray_local, tiny_distilled, tiny_data, tiny_tokenizer, tmp_path):
+    # Two workers with dropout: each draws its own masks, so each must get its own RNG state back on resume.
+    kw = {"loss": "hybrid", "workers": 2, "size": SMALL.model_copy(update={"dropout": 0.3})}
     # The straight run also measures valid BLEU, which must not change its training (greedy, dropout off).
-    straight = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "a", loss="hybrid")
+    straight = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "a", **kw)
     straight.bleu_every = 4
     train_student(straight)
     events = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if "valid_bleu" in e] == [4, 8]
     # A run stopped after its step-4 checkpoint, as a crash right after it would leave it ...
-    cut = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "b", loss="hybrid", max_steps=4)
+    cut = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "b", max_steps=4, **kw)
     train_student(cut)
     state_file = tmp_path / "b" / "checkpoint" / "trainer_state.pt"
     state = torch.load(state_file, weights_only=False)
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # the workers' streams differ
     state["progress"]["finished"] = ""
     torch.save(state, state_file)
     # ... then resumed with the original settings.
-    train_student(config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "b", loss="hybrid"))
+    train_student(config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "b", **kw))
     a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
     b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
     assert any(k.startswith("kd_gate") for k in a)  # the gate is checkpointed with the student
@@ -117,11 +128,20 @@ def test_students_learn_toward_the_teacher(loss, dataset, ray_local, tiny_distil
     # teacher's (torch forwards of both), against an untrained student of the same shape.
     untrained_cfg = cfg.model_copy(update={"out": tmp_path / "untrained", "optim": cfg.optim.model_copy(
         update={"max_steps": 1, "lr": 1e-9, "warmup_steps": 0})})
-    train_student(untrained_cfg)
+    untrained_results = train_student(untrained_cfg)
     trained = top1_agreement(tmp_path / loss / "best", tiny_teacher["hf"], tiny_data, tiny_tokenizer)
     untrained = top1_agreement(tmp_path / "untrained" / "best", tiny_teacher["hf"], tiny_data, tiny_tokenizer)
     assert trained > untrained + 0.2, (trained, untrained)
-    assert results["bleu"] >= 0 and "nrefs:1" in results["bleu_signature"]
+    assert "nrefs:1" in results["bleu_signature"]
+    # The reported BLEU is the test hypotheses' corpus BLEU (sacrebleu directly), above the untrained student's.
+    import pyarrow.parquet as pq
+    import sacrebleu
+
+    hyps = (tmp_path / loss / "test.hyp.txt").read_text(encoding="utf-8").splitlines()
+    refs = pq.read_table(tiny_data / "test.parquet")["target"].to_pylist()
+    assert len(hyps) == len(refs) and len(set(hyps)) > 1  # one line per sentence, not one constant output
+    assert results["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=0.01)
+    assert results["bleu"] > untrained_results["bleu"], (results["bleu"], untrained_results["bleu"])
 
 
 def test_greedy_translate_matches_ctranslate2(tiny_teacher, tiny_data, tiny_tokenizer):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainers.checkpoint import CheckpointError
 from trainers.loop import OptimConfig
 from trainers.teacher import TeacherConfig, train_teacher
 
@@ -81,6 +82,70 @@ def test_larger_budget_continues_a_finished_run(tiny_data, tiny_tokenizer, tmp_p
     b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
     for key in a:  # the extra validation at step 6 draws no random numbers: same weights, bit for bit
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def _weights(run):
+    return load_file(run / "checkpoint" / "model.safetensors")
+
+
+def test_changed_settings_are_refused_by_name_and_restart_starts_over(tiny_data, tiny_tokenizer, tmp_path):
+    run = tmp_path / "r"
+    train_teacher(_cfg(tiny_data, tiny_tokenizer, run, max_steps=4), progress_bar=False)
+    saved = (run / "config.json").read_text()
+    changed = _cfg(tiny_data, tiny_tokenizer, run, max_steps=8, lr=2e-3)  # a larger budget alone would resume
+    changed.label_smoothing = 0.2
+    changed.train = tiny_data / "test.parquet"  # another corpus under another name: a content change
+    with pytest.raises(CheckpointError, match=r"(?s)label_smoothing: 0\.1 → 0\.2.*optim\.lr: 0\.0007 → 0\.002"
+                                              r".*train: .*--restart"):
+        train_teacher(changed, progress_bar=False)
+    assert (run / "config.json").read_text() == saved  # the refused run rewrote nothing
+
+    restarted = train_teacher(changed, progress_bar=False, restart=True)
+    fresh = train_teacher(changed.model_copy(update={"out": tmp_path / "fresh"}), progress_bar=False)
+    assert restarted.step == fresh.step == 8
+    a, b = _weights(run), _weights(tmp_path / "fresh")
+    for key in a:  # trained from scratch, not from the old checkpoint
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "finished"] == [8]  # the old run's records are gone
+
+
+def test_changed_settings_are_an_error_on_the_command_line(tiny_data, tiny_tokenizer, tmp_path):
+    from typer.testing import CliRunner
+
+    from distillery.cli import app
+
+    cfg = _cfg(tiny_data, tiny_tokenizer, tmp_path / "r", max_steps=2)
+    train_teacher(cfg, progress_bar=False)
+    spec = tmp_path / "teacher.json"
+    spec.write_text(cfg.model_copy(update={"size": "mini"}).model_dump_json())
+    result = CliRunner().invoke(app, ["teacher", "train", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "size.d_model: 64 → 128" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_checkpoint_weights_load_strictly(tiny_data, tiny_tokenizer, tmp_path):
+    from safetensors.torch import save_file
+
+    run = tmp_path / "r"
+    train_teacher(_cfg(tiny_data, tiny_tokenizer, run, max_steps=2), progress_bar=False)
+    weights = _weights(run)
+    weights["model.encoder.layers.0.fc1.renamed"] = weights.pop("model.encoder.layers.0.fc1.weight")
+    save_file(weights, run / "checkpoint" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing \['model\.encoder\.layers\.0\.fc1\.weight'\], "
+                                              r"unexpected \['model\.encoder\.layers\.0\.fc1\.renamed'\]"):
+        train_teacher(_cfg(tiny_data, tiny_tokenizer, run, max_steps=4), progress_bar=False)
+
+
+def test_budget_fields_stay_out_of_the_fingerprint():
+    base = OptimConfig(max_steps=10).trajectory_fields()
+    assert OptimConfig(max_steps=20, max_minutes=5, max_epochs=3, eval_every=7, patience=9, checkpoint_every=3,
+                       log_every=1).trajectory_fields() == base
+    assert OptimConfig(max_steps=10, lr=1e-3).trajectory_fields() != base
+    # a cosine schedule decays over the whole budget: there the budget is part of the trajectory
+    assert (OptimConfig(schedule="cosine", max_steps=10).trajectory_fields()
+            != OptimConfig(schedule="cosine", max_steps=20).trajectory_fields())
 
 
 def test_early_stopping(tiny_data, tiny_tokenizer, tmp_path):
