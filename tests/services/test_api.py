@@ -289,3 +289,45 @@ def test_healthz(client):
     health = client.get("/healthz").json()
     assert health == {"status": "ok", "ray_address": "http://ray.invalid:8265", "ray_embedded": False,
                       "ray_reachable": True, "jobs_active": 0}
+
+
+@pytest.mark.parametrize("body", [
+    b"not json at all",
+    b'{"corpus": ' + b"[" * 5000,
+    json.dumps({"corpus": {"path": "x" * 5000}}).encode(),
+])
+def test_anonymous_clients_get_401_before_their_body_is_read(client, settings, body):
+    """Authentication comes first: neither a malformed nor an oversized body tells an anonymous client more."""
+    huge = body + b" " * settings.max_body_bytes
+    for content in (body, huge):
+        r = client.post("/v1/jobs", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (len(content), r.text)
+        wrong = client.post("/v1/jobs", content=content, headers={"content-type": "application/json",
+                                                                   "Authorization": "Bearer wrong"})
+        assert wrong.status_code == 403, wrong.text
+    assert client.post("/v1/jobs", content=huge, headers=AUTH).status_code == 413
+    assert client.get("/v1/jobs").json()["count"] == 0
+
+
+def test_openapi_documents_every_error_status(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"400", "401", "403", "409", "413", "422", "503"} <= set(paths["/v1/jobs"]["post"]["responses"])
+    assert {"401", "403", "404", "409", "413"} <= set(paths["/v1/jobs/{job_id}/cancel"]["post"]["responses"])
+    assert "413" in paths["/v1/jobs/{job_id}"]["get"]["responses"]
+
+
+@pytest.mark.parametrize("section,field,literal", [
+    ("targets", "top_k", "NaN"), ("output", "shard_size", "Infinity"), ("resources", "workers", "-Infinity"),
+    ("decoding", "top_p", "NaN"), ("decoding", "top_p", "1e309"), ("resources", "batch_tokens", "-1e309"),
+])
+def test_non_finite_numbers_get_a_readable_422(client, settings, section, field, literal):
+    """Python's json reads NaN, Infinity and 1e309 (→ inf); the error body must still be valid JSON."""
+    body = spec_body(settings.default_store)
+    body.setdefault(section, {})[field] = "__HERE__"
+    raw = json.dumps(body).replace('"__HERE__"', literal)
+    r = client.post("/v1/jobs", content=raw.encode(), headers=AUTH | {"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    errors = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {r.text}"))
+    [error] = [e for e in errors["detail"] if e["loc"][1:] == [section, field]]
+    assert error["msg"] and error["input"] in ("NaN", "Infinity", "-Infinity"), error
+    assert client.get("/v1/jobs").json()["count"] == 0

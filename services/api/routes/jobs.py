@@ -9,6 +9,7 @@ import uuid
 from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from pipeline.spec import JobSpec
+from services.api.responses import AUTH, BODY, NOT_FOUND, Problem
 from services.config import normalize_store
 from services.deps import Authorized, LauncherDep, ReconcilerDep, SettingsDep, StoreDep
 from services.models import IllegalTransition, JobList, JobPublic, JobState
@@ -17,7 +18,6 @@ from services.store import JobNotFound
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("distillery.services")
-NOT_FOUND = {404: {"description": "no job with that id"}}
 
 
 def _field_error(loc: list[str], msg: str) -> HTTPException:
@@ -35,8 +35,8 @@ def _job(store: StoreDep, job_id: str) -> JobPublic:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[Authorized],
-             responses={409: {"description": "a job already writes that dataset"},
-                        503: {"description": "Ray cluster unavailable"}})
+             responses={**AUTH, **BODY, 409: {"model": Problem, "description": "a job already writes that dataset"},
+                        503: {"model": Problem, "description": "Ray cluster unavailable"}})
 def submit_job(spec: JobSpec, response: Response, settings: SettingsDep, store: StoreDep,
                launcher: LauncherDep) -> JobPublic:
     """Validate a job spec and launch ``python -m pipeline run SPEC`` on Ray."""
@@ -79,7 +79,8 @@ def get_job(job_id: str, store: StoreDep) -> JobPublic:
 
 
 @router.post("/{job_id}/cancel", dependencies=[Authorized],
-             responses={**NOT_FOUND, 409: {"description": "the job has already finished"}})
+             responses={**AUTH, **NOT_FOUND, 409: {"model": Problem, "description": "the job has already finished"},
+                        503: {"model": Problem, "description": "Ray did not answer"}})
 def cancel_job(job_id: str, store: StoreDep, launcher: LauncherDep, reconciler: ReconcilerDep) -> JobPublic:
     """Stop the Ray job. Complete shards stay (a new job with the same spec resumes); no manifest is written."""
     job = _job(store, job_id)
