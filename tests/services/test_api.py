@@ -331,3 +331,27 @@ def test_non_finite_numbers_get_a_readable_422(client, settings, section, field,
     [error] = [e for e in errors["detail"] if e["loc"][1:] == [section, field]]
     assert error["msg"] and error["input"] in ("NaN", "Infinity", "-Infinity"), error
     assert client.get("/v1/jobs").json()["count"] == 0
+
+
+def test_simultaneous_submissions_of_one_dataset_create_exactly_one_job(client, settings):
+    """The 409 check is atomic in the database: N threads POST the same dataset at once, exactly one wins."""
+    import threading
+
+    n, barrier, codes = 8, threading.Barrier(8), []
+    body = spec_body(settings.default_store, dataset="race")
+
+    def post():
+        barrier.wait()
+        codes.append(client.post("/v1/jobs", json=body, headers=AUTH).status_code)
+
+    threads = [threading.Thread(target=post) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201] + [409] * (n - 1), codes
+    [job] = client.get("/v1/jobs").json()["data"]
+    assert sorted(p.name for p in settings.specs_dir.iterdir()) == [f"{job['id']}.json"]  # no spec left by losers
+    # Once it ended, the dataset may be written again.
+    client.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH)
+    assert client.post("/v1/jobs", json=body, headers=AUTH).status_code == 201

@@ -14,7 +14,8 @@ from services.config import normalize_store
 from services.deps import Authorized, LauncherDep, ReconcilerDep, SettingsDep, StoreDep
 from services.models import IllegalTransition, JobList, JobPublic, JobState
 from services.reconciler import ID_PATTERN
-from services.store import JobNotFound
+from services.security import write_private
+from services.store import DatasetBusy, JobNotFound
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("distillery.services")
@@ -44,16 +45,17 @@ def submit_job(spec: JobSpec, response: Response, settings: SettingsDep, store: 
     if output not in settings.stores:
         raise _field_error(["output", "store"], f"store {spec.output.store!r} is not served here; "
                                                 f"use one of: {', '.join(settings.stores)}")
-    if busy := store.active_writer(output, spec.output.dataset):
-        raise HTTPException(409, f"job {busy} is already writing dataset {spec.output.dataset!r}")
     job_id = f"job-{uuid.uuid4().hex[:16]}"
     data = spec.model_dump(mode="json")
     data["output"]["store"] = output
-    settings.specs_dir.mkdir(parents=True, exist_ok=True)
     path = settings.specs_dir / f"{job_id}.json"
-    path.write_text(json.dumps(data, indent=2))
-    job = store.create(id=job_id, submission_id=job_id, origin="service", entrypoint=launcher.entrypoint(path),
-                       spec=data, dataset=spec.output.dataset, store=output)
+    try:  # the database decides atomically which of simultaneous submissions of one dataset wins
+        job = store.create(id=job_id, submission_id=job_id, origin="service", entrypoint=launcher.entrypoint(path),
+                           spec=data, dataset=spec.output.dataset, store=output)
+    except DatasetBusy:
+        busy = store.active_writer(output, spec.output.dataset) or "another job"
+        raise HTTPException(409, f"{busy} is already writing dataset {spec.output.dataset!r}") from None
+    write_private(path, json.dumps(data, indent=2))
     try:
         launcher.submit(job_id=job_id, spec_path=path)
     except Exception as exc:
