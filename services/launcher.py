@@ -139,10 +139,12 @@ class RayLauncher:
         address: Ray dashboard URL (``http://127.0.0.1:8265``).
         token: Bearer token for a cluster with token authentication (None: Ray's own lookup).
         python: Interpreter of the entrypoint on the cluster.
+        env: Environment variables of every job (its driver and its workers), e.g. ``DISTILLERY_UMASK``.
     """
 
-    def __init__(self, address: str, *, token: str | None = None, python: str = "python") -> None:
-        self.address, self.python = address, python
+    def __init__(self, address: str, *, token: str | None = None, python: str = "python",
+                 env: dict[str, str] | None = None) -> None:
+        self.address, self.python, self.env = address, python, dict(env or {})
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = None
 
@@ -159,7 +161,9 @@ class RayLauncher:
 
     def submit(self, *, job_id: str, spec_path: Path) -> str:
         """Start ``python -m pipeline run SPEC`` with ``submission_id = job_id``."""
-        return self.client.submit_job(entrypoint=self.entrypoint(spec_path), submission_id=job_id)
+        runtime_env = {"env_vars": self.env} if self.env else None
+        return self.client.submit_job(entrypoint=self.entrypoint(spec_path), submission_id=job_id,
+                                      runtime_env=runtime_env)
 
     def stop(self, submission_id: str) -> bool:
         """Ask Ray to stop the job (SIGTERM, then SIGKILL); False if it had already finished."""

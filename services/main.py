@@ -22,6 +22,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from pipeline.storage import UMASK_ENV
 from services.api import responses
 from services.api.routes import datasets, jobs, system
 from services.config import Settings
@@ -29,7 +30,7 @@ from services.launcher import EmbeddedHead, RayLauncher
 from services.middleware import BodyLimit, TokenFirst
 from services.models import IllegalTransition
 from services.reconciler import Reconciler
-from services.security import load_or_create_token
+from services.security import load_or_create_token, secure_state_dir
 from services.store import JobNotFound, JobStore
 
 log = logging.getLogger("distillery.services")
@@ -67,19 +68,20 @@ def create_app(settings: Settings | None = None, *, launcher: RayLauncher | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.state_path.mkdir(parents=True, exist_ok=True)
+        secure_state_dir(settings)
         app.state.token = load_or_create_token(settings)
         app.state.store = store = JobStore(settings.db_url)
         app.state.head = head = None
         ray = launcher
+        job_env = {UMASK_ENV: settings.dataset_umask}
         if ray is None and settings.ray_address:
             token = settings.ray_token.get_secret_value() if settings.ray_token else None
-            ray = RayLauncher(settings.ray_address, token=token, python=settings.python)
+            ray = RayLauncher(settings.ray_address, token=token, python=settings.python, env=job_env)
         elif ray is None:
             app.state.head = head = EmbeddedHead(settings.state_path, num_cpus=settings.ray_num_cpus)
             address = await asyncio.to_thread(head.start)
             log.info("embedded Ray head at %s", address)
-            ray = RayLauncher(address, token=head.token, python=settings.python)
+            ray = RayLauncher(address, token=head.token, python=settings.python, env=job_env)
         app.state.launcher = ray
         app.state.reconciler = reconciler = Reconciler(store, ray, settings)
         await asyncio.to_thread(reconciler.sync)  # re-attach before the first request

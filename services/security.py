@@ -32,6 +32,19 @@ def load_or_create_token(settings: Settings) -> str:
     return token
 
 
+def secure_state_dir(settings: Settings) -> None:
+    """Make the state dir 0700 and the default SQLite database 0600 (SQLite gives its -wal/-shm files the same)."""
+    state = settings.state_path
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.chmod(0o700)
+    if settings.database_url is None:
+        db = state / "jobs.db"
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+        for path in (db, db.with_name("jobs.db-wal"), db.with_name("jobs.db-shm")):
+            if path.exists():
+                path.chmod(0o600)
+
+
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to a new or existing file readable by this user only (0600), in a 0700 directory."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

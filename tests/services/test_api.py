@@ -355,3 +355,86 @@ def test_simultaneous_submissions_of_one_dataset_create_exactly_one_job(client, 
     # Once it ended, the dataset may be written again.
     client.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH)
     assert client.post("/v1/jobs", json=body, headers=AUTH).status_code == 201
+
+
+def _refused(client, body, field: str) -> str:
+    r = client.post("/v1/jobs", json=body, headers=AUTH)
+    assert r.status_code == 422, (field, r.text)
+    [error] = [e for e in r.json()["detail"] if ".".join(map(str, e["loc"][1:])) == field]
+    return error["msg"]
+
+
+def test_jobs_read_inputs_only_from_the_configured_roots(client, settings, tmp_path):
+    """No spec submitted over HTTP can make a job read the token, the database or any file outside the roots."""
+    corpora, models, state = tmp_path / "corpora", tmp_path / "models", settings.state_path
+    corpora.mkdir(exist_ok=True)
+    (corpora / "ok.tsv").write_text("a\tb\n")
+    (corpora / "passwd").symlink_to("/etc/passwd")  # a symlink inside a root, pointing outside
+    (corpora / "token").symlink_to(state / "token")
+    (corpora / "state").symlink_to(state)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+
+    def text_corpus(path: str, target: str | None = None) -> dict:
+        return spec_body(settings.default_store, corpus={"path": path, "target_path": target or path,
+                                                         "format": "text"})
+
+    outside = ["/etc/passwd", str(state / "token"), str(state / "jobs.db"), str(corpora / "passwd"),
+               str(corpora / "token"), str(corpora / "state" / "token"), str(corpora / ".." / "secret.txt"),
+               f"{corpora}/../state/token", "../../../../../etc/passwd", str(secret), str(tmp_path)]
+    for path in outside:
+        assert "corpus paths must lie under one of" in _refused(client, text_corpus(path), "corpus.path"), path
+        assert _refused(client, text_corpus(str(corpora / "ok.tsv"), path), "corpus.target_path")
+    for field in ("model", "tokenizer"):
+        for path in ("/", str(state), str(corpora), f"{models}/../state"):
+            assert "DISTILLERY_MODEL_ROOTS" in _refused(
+                client, spec_body(settings.default_store, teacher={field: path}), f"teacher.{field}")
+    assert client.get("/v1/jobs").json()["count"] == 0 and not settings.specs_dir.exists()
+
+    # Inside the roots: accepted, and the job is handed the resolved absolute paths it was checked with.
+    (models / "t").mkdir(parents=True)
+    (models / "link").symlink_to(models / "t")
+    body = spec_body(settings.default_store, corpus={"path": str(corpora / "sub" / ".." / "ok.tsv")},
+                     teacher={"model": str(models / "link")})
+    r = client.post("/v1/jobs", json=body, headers=AUTH)
+    assert r.status_code == 201, r.text
+    spec = json.loads((settings.specs_dir / f"{r.json()['id']}.json").read_text())
+    assert spec["corpus"]["path"] == os.path.realpath(corpora / "ok.tsv")
+    assert spec["teacher"]["model"] == os.path.realpath(models / "t")
+
+
+def test_the_state_dir_is_never_a_root(tmp_path, fake_ray):
+    settings = make_settings(tmp_path, corpus_roots=[tmp_path / "state"], model_roots=["/"])
+    with TestClient(create_app(settings, launcher=fake_ray)) as client:
+        state = settings.state_path
+        body = spec_body(settings.default_store, corpus={"path": str(state / "token"), "format": "tsv"})
+        assert _refused(client, body, "corpus.path")
+        body = spec_body(settings.default_store, teacher={"model": str(state / "specs")})
+        assert _refused(client, body, "teacher.model")
+        assert _refused(client, spec_body(settings.default_store, corpus={"path": "/etc/passwd"}), "corpus.path")
+
+
+def test_state_dir_database_and_spec_files_are_private(tmp_path, fake_ray):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    settings = make_settings(tmp_path)
+    with TestClient(create_app(settings, launcher=fake_ray)) as client:
+        job = client.post("/v1/jobs", json=spec_body(settings.default_store), headers=AUTH).json()
+        mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+        assert mode(state) == 0o700
+        files = [p for p in state.glob("jobs.db*")] + [settings.specs_dir / f"{job['id']}.json"]
+        assert {p.name: mode(p) for p in files} == {p.name: 0o600 for p in files}
+        assert mode(settings.specs_dir) == 0o700
+
+
+def test_dataset_umask_reaches_the_writing_process(tmp_path):
+    """The service hands DISTILLERY_UMASK to its jobs; the pipeline applies it before it writes a local store."""
+    code = ("from pipeline.storage import Store; s = Store.from_uri(r'%s'); "
+            "s.write_json_atomic('ds/_progress.json', {}); s.write_bytes_atomic('ds/part-00000.parquet', b'x')"
+            % (tmp_path / "store"))
+    env = os.environ | {"DISTILLERY_UMASK": "077"}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+    ds = tmp_path / "store" / "ds"
+    assert stat.S_IMODE(ds.stat().st_mode) == 0o700
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in ds.iterdir()} == {
+        "_progress.json": 0o600, "part-00000.parquet": 0o600}

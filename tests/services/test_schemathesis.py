@@ -46,5 +46,7 @@ def test_no_server_errors(case):
         if digest % 2:
             body["output"] |= {"store": str(STATE / "datasets"), "dataset": f"d{digest % 10**6}"}
             if isinstance(body.get("teacher"), dict):
-                body["teacher"]["compute_type"] = "int8"
+                body["teacher"] |= {"compute_type": "int8", "model": str(STATE / "models" / "t")}
+            if isinstance(body.get("corpus"), dict):
+                body["corpus"]["path"] = str(STATE / "corpora" / "c.tsv")
     case.call_and_validate(headers=AUTH, checks=[not_a_server_error, status_code_conformance])

@@ -8,6 +8,7 @@ the embedded head starts with the service and stops with it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -68,8 +69,11 @@ class Service:
         self.state, self.store, self.ray_address = state, store, ray_address
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Inputs (the corpora and the teacher) live in pytest's temporary directories: that is the root.
+        roots = json.dumps([str(state.parents[1])])
         self.env = os.environ | {"DISTILLERY_TOKEN": TOKEN, "DISTILLERY_RECONCILE_INTERVAL_S": "0.5",
-                                 "DISTILLERY_URL": self.url, "DISTILLERY_RAY_NUM_CPUS": "2"}
+                                 "DISTILLERY_URL": self.url, "DISTILLERY_RAY_NUM_CPUS": "2",
+                                 "DISTILLERY_CORPUS_ROOTS": roots, "DISTILLERY_MODEL_ROOTS": roots}
         if ray_token:
             self.env["DISTILLERY_RAY_TOKEN"] = ray_token
         self.proc: subprocess.Popen | None = None
@@ -202,6 +206,11 @@ def test_job_runs_to_succeeded_and_its_dataset_is_served(service, finished):
     assert dataset["complete"] and dataset["examples"] == 60 and dataset["shards"] == 3
     assert dataset["manifest"]["counts"]["examples"] == 60 and dataset["manifest"]["dataset_hash"].startswith("sha256:")
     assert dataset["bytes_on_disk"] > dataset["bytes"] > 0
+    # Datasets are private to the service's user (DISTILLERY_DATASET_UMASK, default 077), workers' shards too.
+    files = list((service.store / "tf-small").iterdir())
+    assert any(f.name.startswith("part-") for f in files)
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o600 for f in files}
+    assert stat.S_IMODE((service.store / "tf-small").stat().st_mode) == 0o700
     assert [d["name"] for d in service.get("/v1/datasets").json()["data"]] == ["tf-small"]
     assert 'distillery_jobs{state="succeeded"}' in service.get("/metrics").text
     listed = service.cli("jobs", "list", "--state", "succeeded")

@@ -12,6 +12,7 @@ from pipeline.spec import JobSpec
 from services.api.responses import AUTH, BODY, NOT_FOUND, Problem
 from services.config import normalize_store
 from services.deps import Authorized, LauncherDep, ReconcilerDep, SettingsDep, StoreDep
+from services.inputs import confine_inputs
 from services.models import IllegalTransition, JobList, JobPublic, JobState
 from services.reconciler import ID_PATTERN
 from services.security import write_private
@@ -45,9 +46,11 @@ def submit_job(spec: JobSpec, response: Response, settings: SettingsDep, store: 
     if output not in settings.stores:
         raise _field_error(["output", "store"], f"store {spec.output.store!r} is not served here; "
                                                 f"use one of: {', '.join(settings.stores)}")
-    job_id = f"job-{uuid.uuid4().hex[:16]}"
     data = spec.model_dump(mode="json")
     data["output"]["store"] = output
+    if errors := confine_inputs(data, settings):
+        raise HTTPException(422, errors)
+    job_id = f"job-{uuid.uuid4().hex[:16]}"
     path = settings.specs_dir / f"{job_id}.json"
     try:  # the database decides atomically which of simultaneous submissions of one dataset wins
         job = store.create(id=job_id, submission_id=job_id, origin="service", entrypoint=launcher.entrypoint(path),
