@@ -57,6 +57,12 @@ class DatasetBusy(Exception):
     """Another queued or running job already writes this store/dataset."""
 
 
+def one_line(text: str, limit: int = 500) -> str:
+    """The first non-empty line of ``text``, at most ``limit`` characters: an error is one clear line."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -146,6 +152,12 @@ class JobStore:
             rows = s.scalars(select(Job).where(Job.state.in_(ACTIVE)).order_by(Job.created_at)).all()
             return [_public(r) for r in rows]
 
+    def finished_since(self, since: datetime) -> list[JobPublic]:
+        """Jobs that reached a terminal state at or after ``since``."""
+        with self._session() as s:
+            rows = s.scalars(select(Job).where(Job.state.not_in(ACTIVE), Job.finished_at >= since)).all()
+            return [_public(r) for r in rows]
+
     def submission_ids(self) -> set[str]:
         with self._session() as s:
             return set(s.scalars(select(Job.submission_id)).all())
@@ -184,6 +196,7 @@ class JobStore:
                 values["started_at"] = stamp
             if target.is_terminal():
                 values["finished_at"] = stamp
+                error = one_line(error) if error is not None else None
                 values |= {k: v for k, v in (("error", error), ("log_tail", log_tail)) if v is not None}
             done = s.execute(update(Job).where(Job.id == job_id, Job.state == current.value).values(**values))
             if done.rowcount != 1:

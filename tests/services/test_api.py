@@ -150,7 +150,7 @@ def test_failed_job_keeps_error_and_log_tail(client, settings, fake_ray):
     fake_ray.ray_jobs[job_id].message = "Job entrypoint command failed with exit code 2"
     fake_ray.logs[job_id] = "loading\nerror: teacher model directory not found: /models/teacher-ct2\n"
     reconciler.sync()
-    job = client.get(f"/v1/jobs/{job_id}").json()
+    job = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
     assert job["state"] == "failed" and job["started_at"] and job["finished_at"]
     assert job["error"] == "teacher model directory not found: /models/teacher-ct2"
     assert "loading" in job["log_tail"]
@@ -438,3 +438,85 @@ def test_dataset_umask_reaches_the_writing_process(tmp_path):
     assert stat.S_IMODE(ds.stat().st_mode) == 0o700
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in ds.iterdir()} == {
         "_progress.json": 0o600, "part-00000.parquet": 0o600}
+
+
+def test_error_is_one_line_and_only_token_holders_see_the_log(client, settings, fake_ray):
+    reconciler = client.app.state.reconciler
+    job_id = submit(client, settings).json()["id"]
+    fake_ray.ray_jobs[job_id].status = "FAILED"  # killed: no `error:` line, Ray's message quotes the log
+    log_text = ("Traceback (most recent call last):\n  File \"/opt/venv/lib/python3.11/site-packages/ray/x.py\"\n"
+                "ConnectionError: GCS at 10.1.2.3:6379 (http://head.internal:8265) unreachable\n")
+    fake_ray.ray_jobs[job_id].message = "Job entrypoint command failed with exit code 1, last logs:\n" + log_text
+    fake_ray.logs[job_id] = log_text
+    reconciler.sync()
+    full = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
+    assert full["error"] == "Job entrypoint command failed with exit code 1, last logs:"
+    assert "10.1.2.3:6379" in full["log_tail"] and "/opt/venv" in full["log_tail"]
+    for anonymous in (client.get(f"/v1/jobs/{job_id}"), client.get("/v1/jobs"),
+                      client.get(f"/v1/jobs/{job_id}", headers={"Authorization": "Bearer wrong"})):
+        text = anonymous.text
+        assert anonymous.status_code == 200 and "log_tail" in text
+        for secret in ("10.1.2.3", "head.internal", "/opt/venv", "site-packages", str(settings.specs_dir)):
+            assert secret not in text, (secret, text)
+    assert client.get(f"/v1/jobs/{job_id}").json()["log_tail"] is None
+
+
+def _dataset_state(client, name: str) -> tuple[str | None, dict]:
+    detail = client.get(f"/v1/datasets/{name}").json()
+    progress = json.loads((Path(client.app.state.settings.default_store) / name / "_progress.json").read_text())
+    return detail["state"], progress
+
+
+def test_progress_file_tells_how_the_job_ended(client, settings, fake_ray):
+    """A killed driver leaves "running", a cancelled one "failed"/"15": the reconciler sets the real end."""
+    reconciler = client.app.state.reconciler
+    killed = submit(client, settings, dataset="killed").json()["id"]
+    fake_ray.ray_jobs[killed].status = "RUNNING"
+    write_progress(settings, "killed")
+    reconciler.sync()
+    fake_ray.ray_jobs[killed].status = "FAILED"  # SIGKILL: the driver wrote nothing more
+    fake_ray.ray_jobs[killed].message = "Job entrypoint command failed with exit code -9"
+    reconciler.sync()
+    state, progress = _dataset_state(client, "killed")
+    assert state == "failed" and progress["error"] == "Job entrypoint command failed with exit code -9"
+    assert progress["shards_done"] == 1  # the rest of the file is kept
+
+    cancelled = submit(client, settings, dataset="cancelled").json()["id"]
+    fake_ray.ray_jobs[cancelled].status = "RUNNING"
+    write_progress(settings, "cancelled")
+    reconciler.sync()
+    assert client.post(f"/v1/jobs/{cancelled}/cancel", headers=AUTH).json()["state"] == "cancelled"
+    write_progress(settings, "cancelled", state="failed", error="15")  # what the driver writes on SIGTERM
+    reconciler.sync()
+    state, progress = _dataset_state(client, "cancelled")
+    assert state == "cancelled" and progress["error"] == "cancelled", progress
+    # A later job writing the same dataset owns the file again: nothing is changed under it.
+    again = submit(client, settings, dataset="cancelled").json()["id"]
+    write_progress(settings, "cancelled", state="running")
+    reconciler.sync()
+    assert _dataset_state(client, "cancelled")[0] == "running"
+    assert client.get(f"/v1/jobs/{again}").json()["state"] == "queued"
+
+
+def test_a_job_whose_manifest_was_written_succeeded_even_if_ray_forgot_it(client, settings, fake_ray):
+    """After a restart with a new head, Ray knows no job: the manifest, written last, says it finished."""
+    from datetime import UTC, datetime, timedelta
+
+    reconciler = client.app.state.reconciler
+    done, lost = (submit(client, settings, dataset=d).json()["id"] for d in ("done", "lost"))
+    for job_id, dataset in ((done, "done"), (lost, "lost")):
+        fake_ray.ray_jobs[job_id].status = "RUNNING"
+        write_progress(settings, dataset)
+    reconciler.sync()
+    stamp = lambda dt: dt.isoformat(timespec="seconds")  # noqa: E731
+    (Path(settings.default_store) / "done" / "_manifest.json").write_text(
+        json.dumps({"dataset": "done", "created_at": stamp(datetime.now(UTC))}))
+    # An older manifest (from an earlier run of the same dataset) does not count.
+    (Path(settings.default_store) / "lost" / "_manifest.json").write_text(
+        json.dumps({"dataset": "lost", "created_at": stamp(datetime.now(UTC) - timedelta(hours=1))}))
+    fake_ray.ray_jobs.clear()
+    reconciler.sync()
+    assert client.get(f"/v1/jobs/{done}").json()["state"] == "succeeded"
+    lost_job = client.get(f"/v1/jobs/{lost}").json()
+    assert lost_job["state"] == "failed" and "submit it again" in lost_job["error"]
+    assert _dataset_state(client, "lost")[0] == "failed"

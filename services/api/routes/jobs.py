@@ -11,10 +11,11 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from pipeline.spec import JobSpec
 from services.api.responses import AUTH, BODY, NOT_FOUND, Problem
 from services.config import normalize_store
-from services.deps import Authorized, LauncherDep, ReconcilerDep, SettingsDep, StoreDep
+from services.deps import Authenticated, Authorized, LauncherDep, ReconcilerDep, SettingsDep, StoreDep
 from services.inputs import confine_inputs
 from services.models import IllegalTransition, JobList, JobPublic, JobState
 from services.reconciler import ID_PATTERN
+from services.redact import public_view
 from services.security import write_private
 from services.store import DatasetBusy, JobNotFound
 
@@ -70,17 +71,23 @@ def submit_job(spec: JobSpec, response: Response, settings: SettingsDep, store: 
 
 
 @router.get("")
-def list_jobs(store: StoreDep, state: JobState | None = None, limit: int = Query(50, ge=1, le=500),
-              offset: int = Query(0, ge=0, le=1_000_000_000)) -> JobList:
-    """Jobs newest first; ``state`` filters, ``limit``/``offset`` paginate."""
+def list_jobs(store: StoreDep, authenticated: Authenticated, state: JobState | None = None,
+              limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=1_000_000_000)) -> JobList:
+    """Jobs newest first; ``state`` filters, ``limit``/``offset`` paginate. Anonymous readers: as in ``GET /{id}``."""
     jobs, count = store.list(state=state, limit=limit, offset=offset)
+    jobs = jobs if authenticated else [public_view(j) for j in jobs]
     return JobList(data=jobs, count=count, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", responses=NOT_FOUND)
-def get_job(job_id: str, store: StoreDep) -> JobPublic:
-    """State, progress, timestamps, error and log tail of one job."""
-    return _job(store, job_id)
+def get_job(job_id: str, store: StoreDep, authenticated: Authenticated) -> JobPublic:
+    """State, progress, timestamps, error (one line) and the driver's log tail of one job.
+
+    The log tail is shown to authenticated readers only; anonymous ones see the error and entrypoint with
+    URLs, addresses and paths redacted.
+    """
+    job = _job(store, job_id)
+    return job if authenticated else public_view(job)
 
 
 @router.post("/{job_id}/cancel", dependencies=[Authorized],
