@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -123,3 +124,36 @@ def create_app(settings: Settings | None = None, *, launcher: RayLauncher | None
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
     return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The service's listening socket, bound before anything else starts (an embedded Ray head picks free
+    ports for itself and could otherwise take this one).
+
+    Raises:
+        ValueError: The address is in use or cannot be bound, with a clear message.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}; is another service running there? "
+                         "(choose another --port)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_on(settings: Settings, sock: socket.socket) -> None:
+    """Start the app (and its Ray head) and serve on the bound ``sock`` (see :func:`bind`) until stopped."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info"))
+    with contextlib.closing(sock):
+        server.run(sockets=[sock])

@@ -520,3 +520,21 @@ def test_a_job_whose_manifest_was_written_succeeded_even_if_ray_forgot_it(client
     lost_job = client.get(f"/v1/jobs/{lost}").json()
     assert lost_job["state"] == "failed" and "submit it again" in lost_job["error"]
     assert _dataset_state(client, "lost")[0] == "failed"
+
+
+def test_serve_refuses_a_busy_port_before_starting_anything(tmp_path):
+    """The port is bound first: a busy one is `error:` and exit 2, with no Ray head started and no token made."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
+        out = subprocess.run([sys.executable, "-m", "distillery.cli", "serve", "--port", str(port),
+                              "--state-dir", str(tmp_path / "state")], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert not (tmp_path / "state" / "ray-head.log").exists() and not (tmp_path / "state" / "token").exists()
