@@ -81,7 +81,8 @@ def create_app(settings: Settings | None = None, *, launcher: RayLauncher | None
         elif ray is None:
             app.state.head = head = EmbeddedHead(settings.state_path, num_cpus=settings.ray_num_cpus)
             address = await asyncio.to_thread(head.start)
-            log.info("embedded Ray head at %s", address)
+            log.info("%s embedded Ray head at %s (pid %s)", "re-attached to the" if head.adopted else "started an",
+                     address, head.pid)
             ray = RayLauncher(address, token=head.token, python=settings.python, env=job_env)
         app.state.launcher = ray
         app.state.reconciler = reconciler = Reconciler(store, ray, settings)

@@ -32,6 +32,7 @@ class FakeLauncher:
         self.ray_jobs: dict[str, RayJob] = {}
         self.logs: dict[str, str] = {}
         self.fail_submit = False
+        self.node_cpus = 2.0  # the largest node's CPUs, as Ray's state API would report them
 
     def entrypoint(self, spec_path: Path) -> str:
         return f"python -m pipeline run {spec_path}"
@@ -51,6 +52,9 @@ class FakeLauncher:
 
     def logs_tail(self, submission_id: str, lines: int) -> str:
         return "\n".join(self.logs.get(submission_id, "").splitlines()[-lines:])
+
+    def max_node_cpus(self) -> float | None:
+        return self.node_cpus
 
     def jobs(self) -> dict[str, RayJob]:
         return dict(self.ray_jobs)

@@ -538,3 +538,14 @@ def test_serve_refuses_a_busy_port_before_starting_anything(tmp_path):
     assert f"error: cannot listen on 127.0.0.1:{port}" in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
     assert not (tmp_path / "state" / "ray-head.log").exists() and not (tmp_path / "state" / "token").exists()
+
+
+def test_jobs_the_cluster_can_never_schedule_are_refused(client, settings, fake_ray):
+    fake_ray.node_cpus = 2.0
+    msg = _refused(client, spec_body(settings.default_store, resources={"threads_per_worker": 3}),
+                   "resources.threads_per_worker")
+    assert "largest node of the Ray cluster has 2" in msg and "never be scheduled" in msg
+    assert client.get("/v1/jobs").json()["count"] == 0 and not fake_ray.ray_jobs
+    # More workers than CPUs in all only queue: accepted.
+    body = spec_body(settings.default_store, resources={"threads_per_worker": 2, "workers": 8})
+    assert client.post("/v1/jobs", json=body, headers=AUTH).status_code == 201

@@ -37,6 +37,20 @@ def _job(store: StoreDep, job_id: str) -> JobPublic:
         raise HTTPException(404, f"no job {job_id!r}") from None
 
 
+def _check_schedulable(spec: JobSpec, launcher: LauncherDep) -> None:
+    """422 for a job the cluster can never run: each teacher actor reserves ``threads_per_worker`` CPUs on one
+    node. (More workers than CPUs in all only queue; that is slower, not impossible.)"""
+    try:
+        cpus = launcher.max_node_cpus()
+    except Exception:  # the cluster cannot tell: let the job try
+        cpus = None
+    threads = spec.resources.threads_per_worker
+    if cpus is not None and threads > cpus:
+        raise _field_error(["resources", "threads_per_worker"],
+                           f"each worker reserves {threads} CPUs on one node, but the largest node of the Ray "
+                           f"cluster has {cpus:g}: the job could never be scheduled; use at most {int(cpus)}")
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[Authorized],
              responses={**AUTH, **BODY, 409: {"model": Problem, "description": "a job already writes that dataset"},
                         503: {"model": Problem, "description": "Ray cluster unavailable"}})
@@ -51,6 +65,7 @@ def submit_job(spec: JobSpec, response: Response, settings: SettingsDep, store: 
     data["output"]["store"] = output
     if errors := confine_inputs(data, settings):
         raise HTTPException(422, errors)
+    _check_schedulable(spec, launcher)
     job_id = f"job-{uuid.uuid4().hex[:16]}"
     path = settings.specs_dir / f"{job_id}.json"
     try:  # the database decides atomically which of simultaneous submissions of one dataset wins
