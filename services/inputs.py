@@ -48,8 +48,11 @@ def confine_inputs(spec: dict[str, Any], settings: Settings, *, cwd: Path | None
         value = (spec.get(section) or {}).get(field)
         if value is None:
             continue
-        resolved = Path(os.path.realpath(Path(cwd or Path.cwd()) / Path(value).expanduser()))
-        if allowed(resolved, roots[kind], settings.state_path):
+        try:
+            resolved = Path(os.path.realpath(Path(cwd or Path.cwd()) / Path(value).expanduser()))
+        except (ValueError, OSError, RuntimeError):  # a NUL byte, a symlink loop
+            resolved = None
+        if resolved is not None and allowed(resolved, roots[kind], settings.state_path):
             spec[section][field] = str(resolved)
             continue
         where = ", ".join(map(str, roots[kind]))

@@ -381,7 +381,8 @@ def test_jobs_read_inputs_only_from_the_configured_roots(client, settings, tmp_p
 
     outside = ["/etc/passwd", str(state / "token"), str(state / "jobs.db"), str(corpora / "passwd"),
                str(corpora / "token"), str(corpora / "state" / "token"), str(corpora / ".." / "secret.txt"),
-               f"{corpora}/../state/token", "../../../../../etc/passwd", str(secret), str(tmp_path)]
+               f"{corpora}/../state/token", "../../../../../etc/passwd", str(secret), str(tmp_path),
+               f"{corpora}/ok.tsv\x00", "~/.ssh/id_rsa"]
     for path in outside:
         assert "corpus paths must lie under one of" in _refused(client, text_corpus(path), "corpus.path"), path
         assert _refused(client, text_corpus(str(corpora / "ok.tsv"), path), "corpus.target_path")
