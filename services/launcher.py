@@ -9,6 +9,7 @@ stop, log tail, and the job list from which jobs started with ``ray job submit``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,11 @@ class EmbeddedHead:
         self.state_dir, self.num_cpus, self.cwd = state_dir, num_cpus, cwd or Path.cwd()
         self.token_path = state_dir / "ray_token"
         self.record_path = state_dir / "ray-head.json"
+        # A temp dir of its own: Ray resolves a job driver's cluster through <temp_dir>/ray_current_cluster,
+        # which under the shared /tmp/ray names whichever cluster on this machine started last. (Short, for
+        # Ray's Unix socket paths.)
+        digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+        self.temp_dir = Path(tempfile.gettempdir()) / f"distillery-ray-{digest}"
         self.address: str | None = None
         self.pid: int | None = None
         self.adopted = False  # re-attached to a head a previous service process started
@@ -125,7 +132,7 @@ class EmbeddedHead:
         cmd = [ray if os.path.exists(ray) else "ray", "start", "--head", "--block", "--disable-usage-stats",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                f"--port={free_port()}", f"--ray-client-server-port={free_port()}",
-               f"--dashboard-agent-listen-port={free_port()}"]
+               f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.temp_dir}"]
         if self.num_cpus:
             cmd.append(f"--num-cpus={self.num_cpus}")
         # This head runs no Serve replicas to migrate: stop at once instead of draining for up to 30 s.
