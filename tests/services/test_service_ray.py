@@ -314,9 +314,9 @@ def test_service_killed_with_sigkill_reattaches_to_its_head(tmp_path, corpus, ti
     svc = Service(tmp_path / "state", tmp_path / "datasets", ray_address=None, ray_token=None)
     svc.start(timeout=180)
     record = tmp_path / "state" / "ray-head.json"
-    head = json.loads(record.read_text())
-    head_processes = {head["pid"], *descendants(head["pid"])}
+    head_processes = set(descendants(svc.proc.pid))  # the head and everything it runs
     try:
+        head = json.loads(record.read_text())
         spec = make_spec(corpus, tiny_teacher["ct2_int8"], svc.store, "killed-service")
         r = svc.post("/v1/jobs", json=spec)
         assert r.status_code == 201, r.text
