@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -172,6 +173,7 @@ class EmbeddedHead:
         elif proc is None and pid is not None:
             _terminate(pid, timeout)
         self.record_path.unlink(missing_ok=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # the head's sessions and sockets; its log stays
 
 
 @dataclass

@@ -340,4 +340,4 @@ def test_service_killed_with_sigkill_reattaches_to_its_head(tmp_path, corpus, ti
         raise
     svc.stop()
     wait_for(lambda: not any(alive(pid) for pid in head_processes), 60, "the head's processes to exit")
-    assert not record.exists()
+    assert not record.exists() and not EmbeddedHead(tmp_path / "state").temp_dir.exists()
