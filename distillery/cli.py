@@ -387,16 +387,15 @@ def serve(
     store: Annotated[str | None, typer.Option(help="default dataset store (default: <state-dir>/datasets)")] = None,
 ) -> None:
     """Run the job service (FastAPI + SQLite + Ray job submission) until interrupted."""
-    import uvicorn
-
     from services.config import Settings
-    from services.main import create_app
+    from services.main import bind, serve_on
 
     overrides = {"ray_address": ray_address, "state_dir": state_dir, "store": store}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    sock = bind(host, port)  # before the embedded Ray head, which could take the port: a busy port is exit 2
     console.print(f"distillery service on http://{host}:{port} (state {settings.state_path}, "
                   f"store {settings.default_store}, Ray {settings.ray_address or 'embedded head'})")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    serve_on(settings, sock)
 
 
 def _client_settings() -> tuple[str, str | None]:

@@ -177,6 +177,7 @@ class ProgressState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     INTERRUPTED = "interrupted"  # the driver was stopped (Ctrl-C)
+    CANCELLED = "cancelled"  # set by the job service once Ray has stopped a cancelled job's driver
 
 
 class Progress(_File):

@@ -40,6 +40,20 @@ ENDPOINT_ENV = "DISTILLERY_S3_ENDPOINT"
 _TEMP = re.compile(r"\.tmp-[0-9a-f]{32}\Z")  # \Z, not $: "x.tmp-…\n" is not ours to delete
 
 
+UMASK_ENV = "DISTILLERY_UMASK"  # e.g. "077": set by the job service so its jobs' datasets are owner-only
+
+
+def apply_umask() -> None:
+    """Apply ``$DISTILLERY_UMASK`` (octal) to this process before it writes to a local store.
+
+    The job service sets it in its jobs' Ray runtime environment; the driver and every worker (which Ray
+    starts, so they do not inherit the driver's umask) open their local stores through here.
+    """
+    value = os.environ.get(UMASK_ENV)
+    if value:
+        os.umask(int(value, 8))
+
+
 class StorageError(ValueError):
     """A bad store URI or a path that would escape the store root."""
 
@@ -111,6 +125,7 @@ class Store:
             path = uri
         else:
             raise StorageError(f"unsupported store URI {uri!r}; use a path, file:// or s3://")
+        apply_umask()
         return cls(pafs.LocalFileSystem(), os.path.abspath(path))
 
     @property

@@ -33,6 +33,11 @@ def normalize_store(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def _real(path: Path) -> Path:
+    """Absolute, ``~`` expanded, every symlink resolved."""
+    return Path(os.path.realpath(path.expanduser()))
+
+
 class Settings(BaseSettings):
     """Configuration of one service instance. Every field reads ``DISTILLERY_<FIELD>``."""
 
@@ -52,10 +57,19 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(1.0, gt=0, description="seconds between syncs with Ray and progress files")
     lost_after_s: float = Field(30.0, ge=0, description="a queued job unknown to Ray this long is failed")
     log_tail_lines: int = Field(40, ge=1, le=1000, description="lines of driver log kept for failed jobs")
+    corpus_roots: list[Path] = Field(
+        default_factory=list,
+        description="directories corpora of submitted jobs must lie in; default <state_dir>/corpora")
+    model_roots: list[Path] = Field(
+        default_factory=list,
+        description="directories teacher models and tokenizers must lie in; default <state_dir>/models")
+    dataset_umask: str = Field("077", pattern=r"^0?[0-7]{3}$",
+                               description="umask of the jobs' writes to local stores (077: owner only, 022: world-"
+                                           "readable datasets)")
 
     @cached_property
     def state_path(self) -> Path:
-        return self.state_dir.expanduser().resolve()
+        return _real(self.state_dir)
 
     @cached_property
     def db_url(self) -> str:
@@ -71,6 +85,14 @@ class Settings(BaseSettings):
         out = [self.default_store]
         out += [s for s in map(normalize_store, self.extra_stores) if s not in out]
         return out
+
+    @cached_property
+    def corpus_root_paths(self) -> list[Path]:
+        return [_real(p) for p in self.corpus_roots] or [self.state_path / "corpora"]
+
+    @cached_property
+    def model_root_paths(self) -> list[Path]:
+        return [_real(p) for p in self.model_roots] or [self.state_path / "models"]
 
     @property
     def specs_dir(self) -> Path:

@@ -43,8 +43,17 @@ def require_token(
         raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid token")
 
 
+def is_authenticated(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> bool:
+    """Whether an optional bearer token is the service's (reads are open; some fields are for its users only)."""
+    token = request.app.state.token
+    return credentials is not None and token is not None and token_matches(credentials.credentials, token)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 LauncherDep = Annotated[RayLauncher, Depends(get_launcher)]
 ReconcilerDep = Annotated[Reconciler, Depends(get_reconciler)]
 Authorized = Depends(require_token)
+Authenticated = Annotated[bool, Depends(is_authenticated)]

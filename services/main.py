@@ -13,57 +13,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from pipeline.storage import UMASK_ENV
+from services.api import responses
 from services.api.routes import datasets, jobs, system
 from services.config import Settings
 from services.launcher import EmbeddedHead, RayLauncher
+from services.middleware import BodyLimit, TokenFirst
 from services.models import IllegalTransition
 from services.reconciler import Reconciler
-from services.security import load_or_create_token
+from services.security import load_or_create_token, secure_state_dir
 from services.store import JobNotFound, JobStore
 
 log = logging.getLogger("distillery.services")
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed)."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await too_large(scope, receive, send)
-        # Read the whole (bounded) body first, then replay it: a chunked body can lie about nothing.
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await too_large(scope, receive, send)
-            more = message.get("more_body", False)
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+def json_safe(value):
+    """``value`` with every non-finite float spelled as a string: JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value).replace("inf", "Infinity").replace("nan", "NaN")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 async def _reconcile_forever(reconciler: Reconciler, interval: float) -> None:
@@ -87,19 +69,21 @@ def create_app(settings: Settings | None = None, *, launcher: RayLauncher | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.state_path.mkdir(parents=True, exist_ok=True)
+        secure_state_dir(settings)
         app.state.token = load_or_create_token(settings)
         app.state.store = store = JobStore(settings.db_url)
         app.state.head = head = None
         ray = launcher
+        job_env = {UMASK_ENV: settings.dataset_umask}
         if ray is None and settings.ray_address:
             token = settings.ray_token.get_secret_value() if settings.ray_token else None
-            ray = RayLauncher(settings.ray_address, token=token, python=settings.python)
+            ray = RayLauncher(settings.ray_address, token=token, python=settings.python, env=job_env)
         elif ray is None:
             app.state.head = head = EmbeddedHead(settings.state_path, num_cpus=settings.ray_num_cpus)
             address = await asyncio.to_thread(head.start)
-            log.info("embedded Ray head at %s", address)
-            ray = RayLauncher(address, token=head.token, python=settings.python)
+            log.info("%s embedded Ray head at %s (pid %s)", "re-attached to the" if head.adopted else "started an",
+                     address, head.pid)
+            ray = RayLauncher(address, token=head.token, python=settings.python, env=job_env)
         app.state.launcher = ray
         app.state.reconciler = reconciler = Reconciler(store, ray, settings)
         await asyncio.to_thread(reconciler.sync)  # re-attach before the first request
@@ -116,12 +100,21 @@ def create_app(settings: Settings | None = None, *, launcher: RayLauncher | None
 
     app = FastAPI(title="distillery job service", version="1", lifespan=lifespan,
                   description="Submit distillation jobs (the pipeline's job spec), follow them, cancel them, "
-                              "and browse the datasets they write. POST endpoints need `Authorization: Bearer`.")
+                              "and browse the datasets they write. POST endpoints need `Authorization: Bearer`.",
+                  responses=responses.ANY)
     app.state.settings = settings
+    app.state.token = None
+    # Added last = runs first: the token is checked before the body is read, the size before it is parsed.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(TokenFirst, token=lambda: app.state.token)
     app.include_router(jobs.router)
     app.include_router(datasets.router)
     app.include_router(system.router)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The errors echo the input, which may hold NaN or Infinity (Python's json reads them): spell them out.
+        return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(JobNotFound)
     async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
@@ -132,3 +125,36 @@ def create_app(settings: Settings | None = None, *, launcher: RayLauncher | None
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
     return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The service's listening socket, bound before anything else starts (an embedded Ray head picks free
+    ports for itself and could otherwise take this one).
+
+    Raises:
+        ValueError: The address is in use or cannot be bound, with a clear message.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}; is another service running there? "
+                         "(choose another --port)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_on(settings: Settings, sock: socket.socket) -> None:
+    """Start the app (and its Ray head) and serve on the bound ``sock`` (see :func:`bind`) until stopped."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info"))
+    with contextlib.closing(sock):
+        server.run(sockets=[sock])

@@ -78,8 +78,9 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    error: str | None = None
-    log_tail: str | None = Field(None, description="last lines of the driver log, on failure")
+    error: str | None = Field(None, description="why it failed, one line (redacted for anonymous readers)")
+    log_tail: str | None = Field(None, description="last lines of the driver log, on failure; authenticated "
+                                                   "readers only")
     progress: JobProgress | None = None
     spec: dict[str, Any] | None = None
 

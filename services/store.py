@@ -11,10 +11,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import JSON, DateTime, String, Text, create_engine, event, func, select, update
+from sqlalchemy import JSON, DateTime, Index, String, Text, create_engine, event, func, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from services.models import IllegalTransition, JobProgress, JobPublic, JobState
+
+ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value)
+_ACTIVE_SQL = text("state IN ('queued', 'running')")
 
 
 class Base(DeclarativeBase):
@@ -40,9 +44,24 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     log_tail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
+    # At most one active job per dataset, enforced by the database itself: two simultaneous submissions of
+    # the same dataset cannot both pass a check-then-insert. (NULL datasets never collide.)
+    __table_args__ = (Index("one_active_writer", "store", "dataset", unique=True,
+                            sqlite_where=_ACTIVE_SQL, postgresql_where=_ACTIVE_SQL),)
+
 
 class JobNotFound(KeyError):
     """No job with that id."""
+
+
+class DatasetBusy(Exception):
+    """Another queued or running job already writes this store/dataset."""
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """The first non-empty line of ``text``, at most ``limit`` characters: an error is one clear line."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 def now() -> datetime:
@@ -87,6 +106,8 @@ class JobStore:
             # WAL: readers (API requests) never block on the reconciler's writes.
             event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
         Base.metadata.create_all(self.engine)
+        for index in Job.__table__.indexes:  # databases made before an index existed get it too
+            index.create(self.engine, checkfirst=True)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -99,13 +120,24 @@ class JobStore:
     def create(self, *, id: str, submission_id: str, origin: str, entrypoint: str = "",
                spec: dict[str, Any] | None = None, dataset: str | None = None, store: str | None = None,
                created_at: datetime | None = None) -> JobPublic:
-        """Insert a new job in state ``queued``."""
+        """Insert a new job in state ``queued``.
+
+        Raises:
+            DatasetBusy: An active job already writes ``store``/``dataset`` (checked atomically by the database).
+            IntegrityError: The id or submission id exists.
+        """
         stamp = now()
         row = Job(id=id, state=JobState.QUEUED.value, origin=origin, submission_id=submission_id,
                   entrypoint=entrypoint, spec=spec, dataset=dataset, store=store,
                   created_at=created_at or stamp, updated_at=stamp)
-        with self._session() as s, s.begin():
-            s.add(row)
+        try:
+            with self._session() as s, s.begin():
+                s.add(row)
+        except IntegrityError as exc:
+            message = str(exc.orig)  # SQLite names the columns, Postgres the index
+            if "one_active_writer" in message or "jobs.store, jobs.dataset" in message:
+                raise DatasetBusy(dataset) from exc
+            raise
         return _public(row)
 
     def get(self, job_id: str) -> JobPublic:
@@ -126,9 +158,14 @@ class JobStore:
 
     def active(self) -> list[JobPublic]:
         """Jobs not yet in a terminal state, oldest first."""
-        active = [JobState.QUEUED.value, JobState.RUNNING.value]
         with self._session() as s:
-            rows = s.scalars(select(Job).where(Job.state.in_(active)).order_by(Job.created_at)).all()
+            rows = s.scalars(select(Job).where(Job.state.in_(ACTIVE)).order_by(Job.created_at)).all()
+            return [_public(r) for r in rows]
+
+    def finished_since(self, since: datetime) -> list[JobPublic]:
+        """Jobs that reached a terminal state at or after ``since``."""
+        with self._session() as s:
+            rows = s.scalars(select(Job).where(Job.state.not_in(ACTIVE), Job.finished_at >= since)).all()
             return [_public(r) for r in rows]
 
     def submission_ids(self) -> set[str]:
@@ -137,10 +174,9 @@ class JobStore:
 
     def active_writer(self, store: str, dataset: str) -> str | None:
         """Id of a queued or running job that writes ``store/dataset``, if any."""
-        active = [JobState.QUEUED.value, JobState.RUNNING.value]
         with self._session() as s:
             return s.scalars(select(Job.id).where(Job.store == store, Job.dataset == dataset,
-                                                  Job.state.in_(active)).limit(1)).first()
+                                                  Job.state.in_(ACTIVE)).limit(1)).first()
 
     def counts_by_state(self) -> dict[JobState, int]:
         with self._session() as s:
@@ -170,6 +206,7 @@ class JobStore:
                 values["started_at"] = stamp
             if target.is_terminal():
                 values["finished_at"] = stamp
+                error = one_line(error) if error is not None else None
                 values |= {k: v for k, v in (("error", error), ("log_tail", log_tail)) if v is not None}
             done = s.execute(update(Job).where(Job.id == job_id, Job.state == current.value).values(**values))
             if done.rowcount != 1:

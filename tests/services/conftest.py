@@ -32,6 +32,7 @@ class FakeLauncher:
         self.ray_jobs: dict[str, RayJob] = {}
         self.logs: dict[str, str] = {}
         self.fail_submit = False
+        self.node_cpus = 2.0  # the largest node's CPUs, as Ray's state API would report them
 
     def entrypoint(self, spec_path: Path) -> str:
         return f"python -m pipeline run {spec_path}"
@@ -52,6 +53,9 @@ class FakeLauncher:
     def logs_tail(self, submission_id: str, lines: int) -> str:
         return "\n".join(self.logs.get(submission_id, "").splitlines()[-lines:])
 
+    def max_node_cpus(self) -> float | None:
+        return self.node_cpus
+
     def jobs(self) -> dict[str, RayJob]:
         return dict(self.ray_jobs)
 
@@ -61,6 +65,7 @@ class FakeLauncher:
 
 def make_settings(tmp_path: Path, **overrides) -> Settings:
     values = {"state_dir": tmp_path / "state", "token": TOKEN, "store": str(tmp_path / "datasets"),
+              "corpus_roots": [tmp_path / "corpora"], "model_roots": [tmp_path / "models"],
               "reconcile_interval_s": 3600.0} | overrides  # tests call reconciler.sync() themselves
     return Settings(**values)
 
@@ -82,10 +87,14 @@ def client(settings, fake_ray) -> Iterator[TestClient]:
 
 
 def spec_body(store: str | Path, dataset: str = "ds", **sections) -> dict:
-    """A valid job spec body; nothing runs it in the fast tests, so the paths need not exist."""
+    """A valid job spec body; nothing runs it in the fast tests, so the paths need not exist.
+
+    Its corpus and model lie under the roots :func:`make_settings` configures next to the store.
+    """
+    root = Path(store).parent
     body = {
-        "corpus": {"path": "/data/corpus.tsv"},
-        "teacher": {"model": "/models/teacher-ct2"},
+        "corpus": {"path": str(root / "corpora" / "corpus.tsv")},
+        "teacher": {"model": str(root / "models" / "teacher-ct2")},
         "targets": {"top_k": 4},
         "output": {"store": str(store), "dataset": dataset, "shard_size": 25},
         "resources": {"workers": 1, "threads_per_worker": 1},

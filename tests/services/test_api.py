@@ -160,7 +160,7 @@ def test_failed_job_keeps_error_and_log_tail(client, settings, fake_ray):
     fake_ray.ray_jobs[job_id].message = "Job entrypoint command failed with exit code 2"
     fake_ray.logs[job_id] = "loading\nerror: teacher model directory not found: /models/teacher-ct2\n"
     reconciler.sync()
-    job = client.get(f"/v1/jobs/{job_id}").json()
+    job = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
     assert job["state"] == "failed" and job["started_at"] and job["finished_at"]
     assert job["error"] == "teacher model directory not found: /models/teacher-ct2"
     assert "loading" in job["log_tail"]
@@ -237,22 +237,27 @@ def test_entrypoint_parsing(entrypoint, spec):
     assert pipeline_spec_path(entrypoint) == spec
 
 
+def write_manifest(root: Path, name: str, *, created_at: str = "2026-01-01T00:00:00+00:00") -> None:
+    """A one-shard manifest as the pipeline writes it (through pipeline.dataset)."""
+    spec = spec_body(str(root), dataset=name)
+    shard = ShardEntry(name=shard_file(0), shard=0, first_index=0, last_index=9, examples=10, rows=20,
+                       target_tokens=300, bytes=100, sha256="sha256:abc")
+    Manifest(schema_version=1, spec_version=1, dataset=name, created_at=created_at, spec=spec,
+             fingerprint="sha256:fp", teacher=TeacherInfo(model="/t", hash="sha256:t", compute_type="int8"),
+             tokenizer=TokenizerInfo(path="/t", vocab_hash="sha256:v"), top_k=4,
+             counts=Counts(records_read=10, examples=10, rows=20, target_tokens=300, bytes=100, rejected={}),
+             shards=[shard], dataset_hash="sha256:abc", versions={}).write(Store.from_uri(str(root)), name)
+
+
 def make_dataset(root: Path, name: str, *, complete: bool) -> None:
     """A dataset directory whose files are built through the pipeline's models (pipeline.dataset)."""
     store = Store.from_uri(str(root))
     store.write_bytes_atomic(f"{name}/{shard_file(0)}", b"x" * 100)
-    spec = spec_body(str(root), dataset=name)
-    JobRecord(fingerprint="sha256:fp", spec=spec).write(store, name)
+    JobRecord(fingerprint="sha256:fp", spec=spec_body(str(root), dataset=name)).write(store, name)
     Progress(state="succeeded" if complete else "running", shards_total=1, shards_done=int(complete),
              examples_total=10, examples_done=10 * complete).write(store, name)
     if complete:
-        shard = ShardEntry(name=shard_file(0), shard=0, first_index=0, last_index=9, examples=10, rows=20,
-                           target_tokens=300, bytes=100, sha256="sha256:abc")
-        Manifest(schema_version=1, spec_version=1, dataset=name, created_at="2026-01-01T00:00:00+00:00", spec=spec,
-                 fingerprint="sha256:fp", teacher=TeacherInfo(model="/t", hash="sha256:t", compute_type="int8"),
-                 tokenizer=TokenizerInfo(path="/t", vocab_hash="sha256:v"), top_k=4,
-                 counts=Counts(records_read=10, examples=10, rows=20, target_tokens=300, bytes=100, rejected={}),
-                 shards=[shard], dataset_hash="sha256:abc", versions={}).write(store, name)
+        write_manifest(root, name)
 
 
 def test_datasets_listing_and_detail(client, settings):
@@ -371,3 +376,263 @@ def test_openapi_documents_the_manifest_and_progress_models(client):
     manifest = set(schemas["Manifest"]["properties"])
     assert {"manifest_version", "counts", "shards", "dataset_hash", "tokenizer"} <= manifest
     assert {"progress_version", "state", "shards_done", "percent"} <= set(schemas["JobProgress"]["properties"])
+
+
+@pytest.mark.parametrize("body", [
+    b"not json at all",
+    b'{"corpus": ' + b"[" * 5000,
+    json.dumps({"corpus": {"path": "x" * 5000}}).encode(),
+])
+def test_anonymous_clients_get_401_before_their_body_is_read(client, settings, body):
+    """Authentication comes first: neither a malformed nor an oversized body tells an anonymous client more."""
+    huge = body + b" " * settings.max_body_bytes
+    for content in (body, huge):
+        r = client.post("/v1/jobs", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (len(content), r.text)
+        wrong = client.post("/v1/jobs", content=content, headers={"content-type": "application/json",
+                                                                   "Authorization": "Bearer wrong"})
+        assert wrong.status_code == 403, wrong.text
+    assert client.post("/v1/jobs", content=huge, headers=AUTH).status_code == 413
+    assert client.get("/v1/jobs").json()["count"] == 0
+
+
+def test_openapi_documents_every_error_status(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"400", "401", "403", "409", "413", "422", "503"} <= set(paths["/v1/jobs"]["post"]["responses"])
+    assert {"401", "403", "404", "409", "413"} <= set(paths["/v1/jobs/{job_id}/cancel"]["post"]["responses"])
+    assert "413" in paths["/v1/jobs/{job_id}"]["get"]["responses"]
+
+
+@pytest.mark.parametrize("section,field,literal", [
+    ("targets", "top_k", "NaN"), ("output", "shard_size", "Infinity"), ("resources", "workers", "-Infinity"),
+    ("decoding", "top_p", "NaN"), ("decoding", "top_p", "1e309"), ("resources", "batch_tokens", "-1e309"),
+])
+def test_non_finite_numbers_get_a_readable_422(client, settings, section, field, literal):
+    """Python's json reads NaN, Infinity and 1e309 (→ inf); the error body must still be valid JSON."""
+    body = spec_body(settings.default_store)
+    body.setdefault(section, {})[field] = "__HERE__"
+    raw = json.dumps(body).replace('"__HERE__"', literal)
+    r = client.post("/v1/jobs", content=raw.encode(), headers=AUTH | {"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    errors = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {r.text}"))
+    [error] = [e for e in errors["detail"] if e["loc"][1:] == [section, field]]
+    assert error["msg"] and error["input"] in ("NaN", "Infinity", "-Infinity"), error
+    assert client.get("/v1/jobs").json()["count"] == 0
+
+
+def test_simultaneous_submissions_of_one_dataset_create_exactly_one_job(client, settings):
+    """The 409 check is atomic in the database: N threads POST the same dataset at once, exactly one wins."""
+    import threading
+
+    n, barrier, codes = 8, threading.Barrier(8), []
+    body = spec_body(settings.default_store, dataset="race")
+
+    def post():
+        barrier.wait()
+        codes.append(client.post("/v1/jobs", json=body, headers=AUTH).status_code)
+
+    threads = [threading.Thread(target=post) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201] + [409] * (n - 1), codes
+    [job] = client.get("/v1/jobs").json()["data"]
+    assert sorted(p.name for p in settings.specs_dir.iterdir()) == [f"{job['id']}.json"]  # no spec left by losers
+    # Once it ended, the dataset may be written again.
+    client.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH)
+    assert client.post("/v1/jobs", json=body, headers=AUTH).status_code == 201
+
+
+def _refused(client, body, field: str) -> str:
+    r = client.post("/v1/jobs", json=body, headers=AUTH)
+    assert r.status_code == 422, (field, r.text)
+    [error] = [e for e in r.json()["detail"] if ".".join(map(str, e["loc"][1:])) == field]
+    return error["msg"]
+
+
+def test_jobs_read_inputs_only_from_the_configured_roots(client, settings, tmp_path):
+    """No spec submitted over HTTP can make a job read the token, the database or any file outside the roots."""
+    corpora, models, state = tmp_path / "corpora", tmp_path / "models", settings.state_path
+    corpora.mkdir(exist_ok=True)
+    (corpora / "ok.tsv").write_text("a\tb\n")
+    (corpora / "passwd").symlink_to("/etc/passwd")  # a symlink inside a root, pointing outside
+    (corpora / "token").symlink_to(state / "token")
+    (corpora / "state").symlink_to(state)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+
+    def text_corpus(path: str, target: str | None = None) -> dict:
+        return spec_body(settings.default_store, corpus={"path": path, "target_path": target or path,
+                                                         "format": "text"})
+
+    outside = ["/etc/passwd", str(state / "token"), str(state / "jobs.db"), str(corpora / "passwd"),
+               str(corpora / "token"), str(corpora / "state" / "token"), str(corpora / ".." / "secret.txt"),
+               f"{corpora}/../state/token", "../../../../../etc/passwd", str(secret), str(tmp_path),
+               f"{corpora}/ok.tsv\x00", "~/.ssh/id_rsa"]
+    for path in outside:
+        assert "corpus paths must lie under one of" in _refused(client, text_corpus(path), "corpus.path"), path
+        assert _refused(client, text_corpus(str(corpora / "ok.tsv"), path), "corpus.target_path")
+    for field in ("model", "tokenizer"):
+        for path in ("/", str(state), str(corpora), f"{models}/../state"):
+            assert "DISTILLERY_MODEL_ROOTS" in _refused(
+                client, spec_body(settings.default_store, teacher={field: path}), f"teacher.{field}")
+    assert client.get("/v1/jobs").json()["count"] == 0 and not settings.specs_dir.exists()
+
+    # Inside the roots: accepted, and the job is handed the resolved absolute paths it was checked with.
+    (models / "t").mkdir(parents=True)
+    (models / "link").symlink_to(models / "t")
+    body = spec_body(settings.default_store, corpus={"path": str(corpora / "sub" / ".." / "ok.tsv")},
+                     teacher={"model": str(models / "link")})
+    r = client.post("/v1/jobs", json=body, headers=AUTH)
+    assert r.status_code == 201, r.text
+    spec = json.loads((settings.specs_dir / f"{r.json()['id']}.json").read_text())
+    assert spec["corpus"]["path"] == os.path.realpath(corpora / "ok.tsv")
+    assert spec["teacher"]["model"] == os.path.realpath(models / "t")
+
+
+def test_the_state_dir_is_never_a_root(tmp_path, fake_ray):
+    settings = make_settings(tmp_path, corpus_roots=[tmp_path / "state"], model_roots=["/"])
+    with TestClient(create_app(settings, launcher=fake_ray)) as client:
+        state = settings.state_path
+        body = spec_body(settings.default_store, corpus={"path": str(state / "token"), "format": "tsv"})
+        assert _refused(client, body, "corpus.path")
+        body = spec_body(settings.default_store, teacher={"model": str(state / "specs")})
+        assert _refused(client, body, "teacher.model")
+        assert _refused(client, spec_body(settings.default_store, corpus={"path": "/etc/passwd"}), "corpus.path")
+
+
+def test_state_dir_database_and_spec_files_are_private(tmp_path, fake_ray):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    settings = make_settings(tmp_path)
+    with TestClient(create_app(settings, launcher=fake_ray)) as client:
+        job = client.post("/v1/jobs", json=spec_body(settings.default_store), headers=AUTH).json()
+        mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+        assert mode(state) == 0o700
+        files = [p for p in state.glob("jobs.db*")] + [settings.specs_dir / f"{job['id']}.json"]
+        assert {p.name: mode(p) for p in files} == {p.name: 0o600 for p in files}
+        assert mode(settings.specs_dir) == 0o700
+
+
+def test_dataset_umask_reaches_the_writing_process(tmp_path):
+    """The service hands DISTILLERY_UMASK to its jobs; the pipeline applies it before it writes a local store."""
+    code = ("from pipeline.storage import Store; s = Store.from_uri(r'%s'); "
+            "s.write_json_atomic('ds/_progress.json', {}); s.write_bytes_atomic('ds/part-00000.parquet', b'x')"
+            % (tmp_path / "store"))
+    env = os.environ | {"DISTILLERY_UMASK": "077"}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+    ds = tmp_path / "store" / "ds"
+    assert stat.S_IMODE(ds.stat().st_mode) == 0o700
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in ds.iterdir()} == {
+        "_progress.json": 0o600, "part-00000.parquet": 0o600}
+
+
+def test_error_is_one_line_and_only_token_holders_see_the_log(client, settings, fake_ray):
+    reconciler = client.app.state.reconciler
+    job_id = submit(client, settings).json()["id"]
+    fake_ray.ray_jobs[job_id].status = "FAILED"  # killed: no `error:` line, Ray's message quotes the log
+    log_text = ("Traceback (most recent call last):\n  File \"/opt/venv/lib/python3.11/site-packages/ray/x.py\"\n"
+                "ConnectionError: GCS at 10.1.2.3:6379 (http://head.internal:8265) unreachable\n")
+    fake_ray.ray_jobs[job_id].message = "Job entrypoint command failed with exit code 1, last logs:\n" + log_text
+    fake_ray.logs[job_id] = log_text
+    reconciler.sync()
+    full = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
+    assert full["error"] == "Job entrypoint command failed with exit code 1, last logs:"
+    assert "10.1.2.3:6379" in full["log_tail"] and "/opt/venv" in full["log_tail"]
+    for anonymous in (client.get(f"/v1/jobs/{job_id}"), client.get("/v1/jobs"),
+                      client.get(f"/v1/jobs/{job_id}", headers={"Authorization": "Bearer wrong"})):
+        text = anonymous.text
+        assert anonymous.status_code == 200 and "log_tail" in text
+        for secret in ("10.1.2.3", "head.internal", "/opt/venv", "site-packages", str(settings.specs_dir)):
+            assert secret not in text, (secret, text)
+    assert client.get(f"/v1/jobs/{job_id}").json()["log_tail"] is None
+
+
+def _dataset_state(client, name: str) -> tuple[str | None, dict]:
+    detail = client.get(f"/v1/datasets/{name}").json()
+    progress = json.loads((Path(client.app.state.settings.default_store) / name / "_progress.json").read_text())
+    return detail["state"], progress
+
+
+def test_progress_file_tells_how_the_job_ended(client, settings, fake_ray):
+    """A killed driver leaves "running", a cancelled one "failed"/"15": the reconciler sets the real end."""
+    reconciler = client.app.state.reconciler
+    killed = submit(client, settings, dataset="killed").json()["id"]
+    fake_ray.ray_jobs[killed].status = "RUNNING"
+    write_progress(settings, "killed")
+    reconciler.sync()
+    fake_ray.ray_jobs[killed].status = "FAILED"  # SIGKILL: the driver wrote nothing more
+    fake_ray.ray_jobs[killed].message = "Job entrypoint command failed with exit code -9"
+    reconciler.sync()
+    state, progress = _dataset_state(client, "killed")
+    assert state == "failed" and progress["error"] == "Job entrypoint command failed with exit code -9"
+    assert progress["shards_done"] == 1  # the rest of the file is kept
+
+    cancelled = submit(client, settings, dataset="cancelled").json()["id"]
+    fake_ray.ray_jobs[cancelled].status = "RUNNING"
+    write_progress(settings, "cancelled")
+    reconciler.sync()
+    assert client.post(f"/v1/jobs/{cancelled}/cancel", headers=AUTH).json()["state"] == "cancelled"
+    write_progress(settings, "cancelled", state="failed", error="15")  # what the driver writes on SIGTERM
+    reconciler.sync()
+    state, progress = _dataset_state(client, "cancelled")
+    assert state == "cancelled" and progress["error"] == "cancelled", progress
+    # A later job writing the same dataset owns the file again: nothing is changed under it.
+    again = submit(client, settings, dataset="cancelled").json()["id"]
+    write_progress(settings, "cancelled", state="running")
+    reconciler.sync()
+    assert _dataset_state(client, "cancelled")[0] == "running"
+    assert client.get(f"/v1/jobs/{again}").json()["state"] == "queued"
+
+
+def test_a_job_whose_manifest_was_written_succeeded_even_if_ray_forgot_it(client, settings, fake_ray):
+    """After a restart with a new head, Ray knows no job: the manifest, written last, says it finished."""
+    from datetime import UTC, datetime, timedelta
+
+    reconciler = client.app.state.reconciler
+    done, lost = (submit(client, settings, dataset=d).json()["id"] for d in ("done", "lost"))
+    for job_id, dataset in ((done, "done"), (lost, "lost")):
+        fake_ray.ray_jobs[job_id].status = "RUNNING"
+        write_progress(settings, dataset)
+    reconciler.sync()
+    stamp = lambda dt: dt.isoformat(timespec="seconds")  # noqa: E731
+    root = Path(settings.default_store)
+    write_manifest(root, "done", created_at=stamp(datetime.now(UTC)))
+    # An older manifest (from an earlier run of the same dataset) does not count.
+    write_manifest(root, "lost", created_at=stamp(datetime.now(UTC) - timedelta(hours=1)))
+    fake_ray.ray_jobs.clear()
+    reconciler.sync()
+    assert client.get(f"/v1/jobs/{done}").json()["state"] == "succeeded"
+    lost_job = client.get(f"/v1/jobs/{lost}").json()
+    assert lost_job["state"] == "failed" and "submit it again" in lost_job["error"]
+    assert _dataset_state(client, "lost")[0] == "failed"
+
+
+def test_serve_refuses_a_busy_port_before_starting_anything(tmp_path):
+    """The port is bound first: a busy one is `error:` and exit 2, with no Ray head started and no token made."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
+        out = subprocess.run([sys.executable, "-m", "distillery.cli", "serve", "--port", str(port),
+                              "--state-dir", str(tmp_path / "state")], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert not (tmp_path / "state" / "ray-head.log").exists() and not (tmp_path / "state" / "token").exists()
+
+
+def test_jobs_the_cluster_can_never_schedule_are_refused(client, settings, fake_ray):
+    fake_ray.node_cpus = 2.0
+    msg = _refused(client, spec_body(settings.default_store, resources={"threads_per_worker": 3}),
+                   "resources.threads_per_worker")
+    assert "largest node of the Ray cluster has 2" in msg and "never be scheduled" in msg
+    assert client.get("/v1/jobs").json()["count"] == 0 and not fake_ray.ray_jobs
+    # More workers than CPUs in all only queue: accepted.
+    body = spec_body(settings.default_store, resources={"threads_per_worker": 2, "workers": 8})
+    assert client.post("/v1/jobs", json=body, headers=AUTH).status_code == 201

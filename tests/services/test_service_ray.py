@@ -8,6 +8,8 @@ the embedded head starts with the service and stops with it.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import stat
@@ -61,6 +63,13 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # zombies are dead
+    except (OSError, IndexError):
+        return False
+
+
 class Service:
     """`python -m distillery.cli serve` in a subprocess; stop/start keep the state dir (a restart)."""
 
@@ -68,8 +77,11 @@ class Service:
         self.state, self.store, self.ray_address = state, store, ray_address
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Inputs (the corpora and the teacher) live in pytest's temporary directories: that is the root.
+        roots = json.dumps([str(state.parents[1])])
         self.env = os.environ | {"DISTILLERY_TOKEN": TOKEN, "DISTILLERY_RECONCILE_INTERVAL_S": "0.5",
-                                 "DISTILLERY_URL": self.url, "DISTILLERY_RAY_NUM_CPUS": "2"}
+                                 "DISTILLERY_URL": self.url, "DISTILLERY_RAY_NUM_CPUS": "2",
+                                 "DISTILLERY_CORPUS_ROOTS": roots, "DISTILLERY_MODEL_ROOTS": roots}
         if ray_token:
             self.env["DISTILLERY_RAY_TOKEN"] = ray_token
         self.proc: subprocess.Popen | None = None
@@ -202,6 +214,11 @@ def test_job_runs_to_succeeded_and_its_dataset_is_served(service, finished):
     assert dataset["complete"] and dataset["examples"] == 60 and dataset["shards"] == 3
     assert dataset["manifest"]["counts"]["examples"] == 60 and dataset["manifest"]["dataset_hash"].startswith("sha256:")
     assert dataset["bytes_on_disk"] > dataset["bytes"] > 0
+    # Datasets are private to the service's user (DISTILLERY_DATASET_UMASK, default 077), workers' shards too.
+    files = list((service.store / "tf-small").iterdir())
+    assert any(f.name.startswith("part-") for f in files)
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o600 for f in files}
+    assert stat.S_IMODE((service.store / "tf-small").stat().st_mode) == 0o700
     assert [d["name"] for d in service.get("/v1/datasets").json()["data"]] == ["tf-small"]
     assert 'distillery_jobs{state="succeeded"}' in service.get("/metrics").text
     listed = service.cli("jobs", "list", "--state", "succeeded")
@@ -239,6 +256,9 @@ def test_cancel_running_job(service, corpus, tiny_teacher, tmp_path):
     dataset = service.store / "slow-cancel"
     assert not (dataset / "_manifest.json").exists()
     assert list(dataset.glob("part-*.parquet"))  # complete shards stay for a resume
+    # The dataset says so too (the driver, stopped with SIGTERM, had written "failed" with error "15").
+    wait_for(lambda: service.get("/v1/datasets/slow-cancel").json()["state"] == "cancelled", 30,
+             f"the dataset to show cancelled: {service.get('/v1/datasets/slow-cancel').json()}")
     watch = service.cli("jobs", "status", job_id, "--watch")
     assert watch.returncode == 1  # --watch: 0 only for succeeded
 
@@ -275,10 +295,49 @@ def test_embedded_head_starts_and_stops_with_the_service(tmp_path):
     finally:
         svc.stop()
 
-    def alive(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # zombies are dead
-        except (OSError, IndexError):
-            return False
-
     wait_for(lambda: not any(alive(pid) for pid in children), 60, "the embedded head's processes to exit")
+
+
+def test_unschedulable_job_is_refused_at_submission(service, corpus, tiny_teacher):
+    """The head has 2 CPUs: a worker reserving 3 could never start; the service says so instead of waiting."""
+    spec = make_spec(corpus, tiny_teacher["ct2_int8"], service.store, "too-big")
+    spec["resources"]["threads_per_worker"] = 3
+    r = service.post("/v1/jobs", json=spec)
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "resources", "threads_per_worker"] and "has 2" in error["msg"], error
+
+
+def test_service_killed_with_sigkill_reattaches_to_its_head(tmp_path, corpus, tiny_teacher):
+    """kill -9 of the service mid-job: the job finishes on the orphaned head; the restarted service re-attaches
+    to that head (no second one), reports the job succeeded, and stops the head for good when it stops."""
+    svc = Service(tmp_path / "state", tmp_path / "datasets", ray_address=None, ray_token=None)
+    svc.start(timeout=180)
+    record = tmp_path / "state" / "ray-head.json"
+    head_processes = set(descendants(svc.proc.pid))  # the head and everything it runs
+    try:
+        head = json.loads(record.read_text())
+        spec = make_spec(corpus, tiny_teacher["ct2_int8"], svc.store, "killed-service")
+        r = svc.post("/v1/jobs", json=spec)
+        assert r.status_code == 201, r.text
+        svc.proc.kill()  # SIGKILL: no shutdown, the head is orphaned
+        svc.proc.wait()
+        assert alive(head["pid"])
+        wait_for(lambda: (svc.store / "killed-service" / "_manifest.json").exists(), 240,
+                 "the job to finish on the orphaned head")
+        svc.start(timeout=180)
+        job = svc.wait_state(r.json()["id"], TERMINAL, timeout=60)
+        assert job["state"] == "succeeded", f"{job}\n{svc.log_tail()}"
+        assert json.loads(record.read_text()) == head  # the same head, re-attached
+        assert svc.get("/healthz").json()["ray_address"] == head["address"]
+        second = {pid: cmd for pid, cmd in descendants(svc.proc.pid).items() if "ray" in cmd}
+        assert not second, second
+    except BaseException:
+        svc.stop()
+        for pid in head_processes:  # e.g. an orphaned head nobody re-attached to: do not leave it running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        raise
+    svc.stop()
+    wait_for(lambda: not any(alive(pid) for pid in head_processes), 60, "the head's processes to exit")
+    assert not record.exists() and not EmbeddedHead(tmp_path / "state").temp_dir.exists()
