@@ -94,8 +94,8 @@ def test_teacher_forcing_honours_max_length_and_counts_the_cut_rows(ray_local, c
     table = read_dataset(tmp_path, "ds")
     refs = table["target_ids"].to_pylist()
     assert table["hyp_ids"].to_pylist() == [r[:10] for r in refs]
-    assert manifest["counts"]["cut_at_max_length"] == sum(len(r) > 10 for r in refs) > 0
-    assert manifest["counts"]["target_tokens"] == sum(min(len(r), 10) for r in refs)
+    assert manifest.counts.cut_at_max_length == sum(len(r) > 10 for r in refs) > 0
+    assert manifest.counts.target_tokens == sum(min(len(r), 10) for r in refs)
 
 
 def test_rerun_skips_complete_shards_and_redoes_damaged_ones(ray_local, corpus, tiny_teacher, tmp_path):
