@@ -152,17 +152,20 @@ def test_students_learn_toward_the_teacher(loss, dataset, ray_local, tiny_distil
         untrained = top1_agreement(tmp_path / "untrained" / "best", tiny_teacher["hf"], tiny_data, tiny_tokenizer)
         assert trained > untrained + 0.2, (trained, untrained)
     else:
-        # Sentence KD learns the teacher's translations, not the references: on held-out sources, the student finds
-        # the teacher's beam-4 translations far likelier than an untrained student does, and likelier than the
-        # references. (A reference-trained student would prefer the references; a 60-step teacher's output is
-        # repetitive, so agreement of argmaxes along it says little — both models predict the repeated token.)
+        # Sentence KD learns the teacher's translations: on held-out sources, the student finds the teacher's beam-4
+        # translations far likelier than an untrained student does, and than a student of the same budget trained on
+        # the references does (measured: 0.30 vs 1.94 nats/token). Argmax agreement along them says little: a 60-step
+        # teacher's output is repetitive, so any model predicts the repeated token.
         from pipeline.evaluate import translate
 
+        nll_cfg = cfg.model_copy(update={"out": tmp_path / "nll", "loss": LossConfig(name="nll"),
+                                         "dataset": cfg.dataset.model_copy(update={"name": "tf"}), "test": None})
+        train_student(nll_cfg)
         hyps = translate(tiny_teacher["ct2_int8"], tiny_tokenizer, sources, beam_size=4, max_decoding_length=48)
         on_hyps = mean_nll(tmp_path / loss / "best", sources, hyps, tiny_tokenizer)
         untrained = mean_nll(tmp_path / "untrained" / "best", sources, hyps, tiny_tokenizer)
-        on_refs = mean_nll(tmp_path / loss / "best", sources, refs, tiny_tokenizer)
-        assert on_hyps < 0.5 * untrained and on_hyps < on_refs - 1.0, (on_hyps, untrained, on_refs)
+        reference_trained = mean_nll(tmp_path / "nll" / "best", sources, hyps, tiny_tokenizer)
+        assert on_hyps < 0.5 * untrained and on_hyps < 0.5 * reference_trained, (on_hyps, untrained, reference_trained)
     assert "nrefs:1" in results["bleu_signature"]
     # The reported BLEU is the test hypotheses' corpus BLEU (sacrebleu directly), above the untrained student's.
     import sacrebleu
