@@ -16,14 +16,15 @@ sampling settings in beam mode, …) fail validation before any work starts, all
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.config import raise_problems
 from pipeline.corpus import CorpusSpec, FilterSpec
 from pipeline.ct2 import COMPUTE_TYPES
 from pipeline.dataset import NAME_RULE, DatasetName
+from pipeline.device import MAX_GPUS_PER_WORKER, Device, check_gpus_per_worker, static_problems
 from pipeline.noise import NoiseSpec
 
 SPEC_VERSION = 1
@@ -44,7 +45,12 @@ class _Strict(BaseModel):
 class TeacherSpec(_Strict):
     model: str = Field(description="CTranslate2 model directory")
     tokenizer: str | None = Field(None, description="tokenizer directory; default: the model directory")
-    compute_type: str = Field("int8", description=f"one of {', '.join(COMPUTE_TYPES)}")
+    compute_type: str = Field("int8", description=f"one of {', '.join(COMPUTE_TYPES)}; float16, bfloat16, "
+                              "int8_float16 and int8_bfloat16 need CUDA, int16 a CPU")
+    device: Device = Field("cpu", description="cpu (default), cuda, or auto: cuda when the worker "
+                                     "reserves a GPU (resources.gpus_per_worker > 0) and CTranslate2 sees one")
+    device_index: int = Field(0, ge=0, le=63, description="CUDA device id within the GPUs an actor sees (Ray "
+                              "sets CUDA_VISIBLE_DEVICES to the ones it reserved, so 0 is the usual value)")
 
     @field_validator("compute_type")
     @classmethod
@@ -106,6 +112,10 @@ class ResourcesSpec(_Strict):
     workers: int = Field(2, ge=1, le=1024, description="teacher actors (one CTranslate2 translator each)")
     threads_per_worker: int = Field(1, ge=1, le=256, description="CTranslate2 intra_threads per actor")
     batch_tokens: int = Field(4096, ge=64, le=1 << 20, description="source tokens per CTranslate2 call")
+    gpus_per_worker: Annotated[float, AfterValidator(check_gpus_per_worker)] = Field(
+        0, ge=0, le=MAX_GPUS_PER_WORKER,
+        description="GPUs each CUDA teacher actor reserves: a fraction (0.5: two actors share one GPU) or whole "
+                    "GPUs; 0 for a CPU teacher")
 
 
 class JobSpec(_Strict):
@@ -118,6 +128,15 @@ class JobSpec(_Strict):
     noise: NoiseSpec = NoiseSpec()
     output: OutputSpec
     resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="after")
+    def _device_consistent(self) -> JobSpec:
+        """Device contradictions that hold on any machine; what this machine can run is plan_job's check."""
+        t, r = self.teacher, self.resources
+        problems = static_problems(t.device, t.compute_type, r.gpus_per_worker)
+        raise_problems(self, [(f"{'resources' if f == 'gpus_per_worker' else 'teacher'}.{f}", m)
+                              for f, m in problems])
+        return self
 
     @property
     def tokenizer_dir(self) -> str:

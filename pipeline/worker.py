@@ -2,7 +2,9 @@
 
 Per sub-batch (examples sorted by length, cut by a token budget) it decodes in the configured mode, then
 reduces CTranslate2's full-vocabulary logits to the top k **immediately**, so a worker's memory never grows
-with corpus size. Top-k runs in torch (numpy's argpartition is slower than the int8 teacher itself).
+with corpus size. Top-k runs in torch (numpy's argpartition is slower than the int8 teacher itself), on the
+device the teacher ran on: CTranslate2's logits become torch tensors without a copy (``__array_interface__`` on
+CPU, ``__cuda_array_interface__`` on CUDA) and only the k best ids/log-probs per position reach host memory.
 
 * ``teacher_forcing`` — one pass with the reference as ``target_prefix``, cut at ``decoding.max_length``
   tokens like every decoded hypothesis (the kept positions' distributions are exact: decoding is causal).
@@ -26,6 +28,7 @@ import torch
 from pipeline import schema
 from pipeline.batching import budget_chunks
 from pipeline.ct2 import check_vocabulary, load_translator
+from pipeline.device import resolve_device
 from pipeline.noise import noise_batch
 from pipeline.spec import DecodeMode, JobSpec
 from pipeline.tokenizer import Tokenizer
@@ -44,16 +47,37 @@ class _Rows:
     tail: list[np.ndarray] = field(default_factory=list)  # [L]
 
 
+def as_torch(view) -> torch.Tensor:
+    """A CTranslate2 StorageView as a torch tensor on the same device, sharing its memory (no copy).
+
+    torch reads a CUDA view through ``__cuda_array_interface__``; a CPU view exposes only
+    ``__array_interface__``, which torch takes through numpy (``torch.as_tensor(view)`` itself refuses it).
+    """
+    if view.device == "cuda":
+        return torch.as_tensor(view, device=f"cuda:{view.device_index}")
+    return torch.from_numpy(np.asarray(view))
+
+
 def _steps_to_tensor(steps) -> torch.Tensor:
-    """CTranslate2 per-step logits (StorageViews of shape [V]) → ``[L, V]`` float32 tensor."""
-    return torch.from_numpy(np.stack([np.asarray(s) for s in steps])).float()
+    """CTranslate2 per-step logits (StorageViews of shape ``[V]``) → ``[L, V]`` float32 tensor on their device.
+
+    The views only borrow CTranslate2's buffers; ``stack`` copies them (on the device) while ``steps`` keeps the
+    result alive.
+    """
+    return torch.stack([as_torch(s) for s in steps]).float()
 
 
 class TeacherWorker:
     """Distils examples into shard rows. Ray Data constructs it once per actor (``map_batches``)."""
 
-    def __init__(self, spec: JobSpec, *, threads: int | None = None):
+    def __init__(self, spec: JobSpec, *, threads: int | None = None, device: str | None = None):
+        """Args:
+            spec: the job.
+            threads: CTranslate2 ``intra_threads`` (default ``resources.threads_per_worker``).
+            device: ``cpu`` or ``cuda``, as the driver resolved ``teacher.device`` (default: resolved here).
+        """
         self.spec = spec
+        self.device = device or resolve_device(spec.teacher.device, spec.resources.gpus_per_worker)
         self.tokenizer = Tokenizer.load(spec.tokenizer_dir)
         check_vocabulary(self.tokenizer, spec.teacher.model)
         self.threads = threads or spec.resources.threads_per_worker
@@ -66,7 +90,8 @@ class TeacherWorker:
 
     def _load(self):
         return load_translator(self.spec.teacher.model, compute_type=self.spec.teacher.compute_type,
-                               intra_threads=self.threads)
+                               intra_threads=self.threads, device=self.device,
+                               device_index=self.spec.teacher.device_index)
 
     # -- one shard ------------------------------------------------------------------------------
     def distill(self, examples: pa.Table, *, vocab: dict | None = None, seed: int = 0) -> pa.Table:
@@ -177,17 +202,19 @@ class TeacherWorker:
             self._reduce(owner, rank, hyp, _steps_to_tensor(res.logits[0][: len(hyp)]), rows)
 
     def _reduce(self, example: int, rank: int, ids: list[int], logits: torch.Tensor, rows: _Rows) -> None:
-        """Full-vocabulary logits ``[L, V]`` → top-k ids/log-probs, tail mass and sequence score."""
+        """Full-vocabulary logits ``[L, V]`` (on the teacher's device) → top-k ids/log-probs, tail mass and
+        sequence score; only ``[L, k]`` values and one score leave the device."""
         logprobs = torch.log_softmax(logits, dim=-1)
         values, indices = logprobs.topk(self.k, dim=-1)
-        score = logprobs.gather(1, torch.as_tensor(ids).unsqueeze(1)).sum().item()
+        score = logprobs.gather(1, torch.as_tensor(ids, device=logprobs.device).unsqueeze(1)).sum()
+        values = values.cpu().numpy()
         rows.example.append(example)
         rows.rank.append(rank)
         rows.hyp_ids.append(ids)
-        rows.score.append(score)
-        rows.topk_ids.append(indices.numpy().astype(np.int32))
-        rows.topk_lp.append(values.numpy())
-        rows.tail.append(schema.tail_logprob(values.numpy()))
+        rows.score.append(score.item())
+        rows.topk_ids.append(indices.to(torch.int32).cpu().numpy())
+        rows.topk_lp.append(values)
+        rows.tail.append(schema.tail_logprob(values))
 
 
 def cut_rows(table: pa.Table, eos: int) -> int:

@@ -182,7 +182,7 @@ def test_killed_driver_rerun_gives_identical_dataset(corpus, tiny_teacher, tmp_p
 
 
 @pytest.mark.parametrize("problem", ["missing_model", "tokenizer_mismatch", "empty_corpus", "bad_spec",
-                                     "top_k_over_vocabulary", "compute_type_unsupported_here"])
+                                     "top_k_over_vocabulary", "compute_type_unsupported_here", "cuda_without_gpu"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(problem, corpus, tiny_teacher, tmp_path):
     spec = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path)
     if problem == "top_k_over_vocabulary":  # ≤ 1024, so the spec alone cannot know
@@ -195,6 +195,14 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(problem, corpus, tiny_tea
         if not unsupported:
             pytest.skip("this CPU supports every compute type")
         spec.teacher.compute_type, message = unsupported[0], f"compute type '{unsupported[0]}' is not supported"
+    elif problem == "cuda_without_gpu":  # a valid cluster spec, run where there is no GPU (this machine)
+        from pipeline.device import cuda_device_count
+
+        if cuda_device_count() > 0:
+            pytest.skip("this machine has a CUDA device")
+        spec = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path, teacher={"device": "cuda"},
+                         resources={"gpus_per_worker": 0.5})
+        message = "error: teacher.device is cuda but CTranslate2 sees no CUDA device on this machine"
     elif problem == "missing_model":
         spec.teacher.model, message = str(tmp_path / "nowhere"), "teacher model directory not found"
     elif problem == "tokenizer_mismatch":
