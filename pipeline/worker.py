@@ -27,7 +27,7 @@ import torch
 
 from pipeline import schema
 from pipeline.batching import budget_chunks
-from pipeline.ct2 import check_vocabulary, load_translator
+from pipeline.ct2 import TeacherError, check_vocabulary, load_translator
 from pipeline.device import resolve_device
 from pipeline.noise import noise_batch
 from pipeline.spec import DecodeMode, JobSpec
@@ -78,6 +78,9 @@ class TeacherWorker:
         """
         self.spec = spec
         self.device = device or resolve_device(spec.teacher.device, spec.resources.gpus_per_worker)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise TeacherError("teacher.device is cuda but this worker's torch has no CUDA (a CPU build): the top-k "
+                               "reduction runs in torch on the teacher's device; install torch's CUDA build")
         self.tokenizer = Tokenizer.load(spec.tokenizer_dir)
         check_vocabulary(self.tokenizer, spec.teacher.model)
         self.threads = threads or spec.resources.threads_per_worker

@@ -80,3 +80,18 @@ def test_as_torch_shares_a_cpu_storage_view_without_copying():
     assert tensor.device.type == "cpu"
     assert tensor.data_ptr() == view.__array_interface__["data"][0] == array.ctypes.data
     np.testing.assert_array_equal(tensor.numpy(), array)
+
+
+def test_a_cuda_worker_needs_a_cuda_build_of_torch():
+    """The top-k runs in torch on the teacher's device: with a CPU build it would fail in every batch."""
+    import torch
+
+    from pipeline.spec import JobSpec
+    from pipeline.worker import TeacherWorker
+
+    if torch.cuda.is_available():
+        pytest.skip("torch has CUDA here")
+    spec = JobSpec.model_validate({"corpus": {"path": "c"}, "output": {"store": "s", "dataset": "d"},
+                                   "teacher": {"model": "m", "device": "cuda"}, "resources": {"gpus_per_worker": 1}})
+    with pytest.raises(TeacherError, match="torch has no CUDA"):
+        TeacherWorker(spec)
