@@ -78,6 +78,16 @@ def check_vocabulary(tokenizer: Tokenizer, model_dir: str | Path) -> str:
     return vocab_hash(model_tokens)
 
 
+def check_prefix_tokens(tokenizer: Tokenizer, source_prefix: list[str], target_prefix: list[str]) -> None:
+    """Refuses language tokens the teacher does not know: CTranslate2 would map them to ``<unk>`` silently."""
+    known = tokenizer.token_to_id
+    missing = [f"{side}_prefix {token!r}" for side, tokens in (("source", source_prefix), ("target", target_prefix))
+               for token in tokens if token not in known]
+    if missing:
+        raise TeacherError(f"teacher.{', teacher.'.join(missing)}: not in the teacher's vocabulary "
+                           f"({len(known)} tokens in {tokenizer.path})")
+
+
 def model_hash(model_dir: str | Path) -> str:
     """sha256 over the model's weights and config: the teacher identity recorded in manifests."""
     path = check_model_dir(model_dir)

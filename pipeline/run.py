@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.corpus import CorpusResult, read_corpus
-from pipeline.ct2 import check_model_dir, check_vocabulary, model_hash
+from pipeline.ct2 import check_model_dir, check_prefix_tokens, check_vocabulary, model_hash
 from pipeline.dataset import (
     REJECTS,
     Counts,
@@ -74,6 +74,9 @@ def _fingerprint(spec: JobSpec, teacher: str, vocab: str, corpus: pa.Table, devi
     payload["output"] = {"shard_size": spec.output.shard_size}
     for name in ("model", "tokenizer", "device", "device_index"):
         payload["teacher"].pop(name)
+    for name in ("source_prefix", "target_prefix"):  # only when set: older jobs keep their fingerprint
+        if not payload["teacher"][name]:
+            payload["teacher"].pop(name)
     if device != "cpu":  # CUDA kernels round differently; CPU jobs keep the fingerprint they had before devices
         payload["teacher"]["device"] = device
     digest = hashlib.sha256()  # incremental: never one copy of the whole corpus in memory
@@ -255,6 +258,7 @@ def plan_job(spec: JobSpec, *, address: str | None = None) -> JobPlan:
     device = plan_device(t.device, t.device_index, t.compute_type, spec.resources.gpus_per_worker, address=address)
     tokenizer = Tokenizer.load(spec.tokenizer_dir)
     vocab_hash = check_vocabulary(tokenizer, spec.teacher.model)
+    check_prefix_tokens(tokenizer, t.source_prefix, t.target_prefix)
     if spec.targets.top_k > len(tokenizer.tokens):
         raise JobError(f"targets.top_k {spec.targets.top_k} exceeds the teacher's vocabulary "
                        f"({len(tokenizer.tokens)} tokens in {spec.teacher.model})")

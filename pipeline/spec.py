@@ -42,6 +42,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+Token = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^\S+$")]  # one vocabulary entry
+
+
 class TeacherSpec(_Strict):
     model: str = Field(description="CTranslate2 model directory")
     tokenizer: str | None = Field(None, description="tokenizer directory; default: the model directory")
@@ -49,6 +52,10 @@ class TeacherSpec(_Strict):
                               "int8_float16 and int8_bfloat16 need CUDA, int16 a CPU")
     device: Device = Field("cpu", description="cpu (default), cuda, or auto: cuda when the worker "
                                      "reserves a GPU (resources.gpus_per_worker > 0) and CTranslate2 sees one")
+    source_prefix: list[Token] = Field([], max_length=8, description="tokens put before every source sentence, "
+                                       "e.g. [__en__] for M2M100 or [eng_Latn] for NLLB; never stored in source_ids")
+    target_prefix: list[Token] = Field([], max_length=8, description="tokens forced at the start of every target, "
+                                       "e.g. [__de__]; not stored: hyp_ids and top-k describe the tokens after them")
     device_index: int = Field(0, ge=0, le=63, description="CUDA device id within the GPUs an actor sees (Ray "
                               "sets CUDA_VISIBLE_DEVICES to the ones it reserved, so 0 is the usual value)")
 

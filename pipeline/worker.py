@@ -12,6 +12,11 @@ CPU, ``__cuda_array_interface__`` on CUDA) and only the k best ids/log-probs per
 * ``beam`` / ``sample`` — CTranslate2 returns no per-step logits here, so the chosen hypotheses get a
   second, teacher-forced pass.
 
+Multilingual teachers (M2M100 / NLLB style) get ``teacher.source_prefix`` before every source sentence and
+``teacher.target_prefix`` forced at the start of every target. The forced positions are not stored: ``hyp_ids``,
+the top-k and the score describe the target tokens after them (distributions conditioned on the prefix), and
+``decoding.max_length`` counts those tokens only; the manifest's spec names the prefix.
+
 ``min_decoding_length=0`` everywhere: otherwise CTranslate2 masks ``</s>`` at step 0 of the returned logits
 and the stored distribution would not be the teacher's.
 """
@@ -27,7 +32,7 @@ import torch
 
 from pipeline import schema
 from pipeline.batching import budget_chunks
-from pipeline.ct2 import TeacherError, check_vocabulary, load_translator
+from pipeline.ct2 import TeacherError, check_prefix_tokens, check_vocabulary, load_translator
 from pipeline.device import resolve_device
 from pipeline.noise import noise_batch
 from pipeline.spec import DecodeMode, JobSpec
@@ -83,6 +88,8 @@ class TeacherWorker:
                                "reduction runs in torch on the teacher's device; install torch's CUDA build")
         self.tokenizer = Tokenizer.load(spec.tokenizer_dir)
         check_vocabulary(self.tokenizer, spec.teacher.model)
+        check_prefix_tokens(self.tokenizer, spec.teacher.source_prefix, spec.teacher.target_prefix)
+        self.source_prefix, self.target_prefix = spec.teacher.source_prefix, spec.teacher.target_prefix
         self.threads = threads or spec.resources.threads_per_worker
         self.translator = self._load()
         self.k = spec.targets.top_k
@@ -161,16 +168,18 @@ class TeacherWorker:
 
     def _decode(self, sub: list[int], src, tgt, rows: _Rows) -> None:
         dec, mode = self.spec.decoding, self.spec.decoding.mode
-        source_tokens = [self._tokens(src[i]) for i in sub]
+        source_tokens = [self.source_prefix + self._tokens(src[i]) for i in sub]
         if mode == DecodeMode.TEACHER_FORCING:
             self._forced(sub, source_tokens, [tgt[i][: dec.max_length] for i in sub], [0] * len(sub), rows)
             return
-        common = dict(max_decoding_length=dec.max_length, min_decoding_length=0, max_batch_size=0)
+        p = len(self.target_prefix)
+        common = dict(max_decoding_length=dec.max_length + p, min_decoding_length=0, max_batch_size=0,
+                      target_prefix=[self.target_prefix] * len(sub) if p else None)
         if mode == DecodeMode.GREEDY:
             results = self.translator.translate_batch(source_tokens, beam_size=1, return_logits_vocab=True, **common)
             for i, res in zip(sub, results, strict=True):
-                logits = _steps_to_tensor(res.logits[0])
-                ids = self.tokenizer.tokens_to_ids(res.hypotheses[0])
+                logits = _steps_to_tensor(res.logits[0][p:])
+                ids = self.tokenizer.tokens_to_ids(self._unprefixed(res.hypotheses[0]))
                 ids = ids + [self.eos] if len(logits) == len(ids) + 1 else ids  # no </s> when truncated
                 self._reduce(i, 0, ids, logits[: len(ids)], rows)
             return
@@ -185,24 +194,33 @@ class TeacherWorker:
         owners, ranks, hyps, srcs = [], [], [], []
         for i, toks, res in zip(sub, source_tokens, results, strict=True):
             for rank, hyp in enumerate(res.hypotheses):
-                ids = self.tokenizer.tokens_to_ids(hyp)
+                ids = self.tokenizer.tokens_to_ids(self._unprefixed(hyp))
                 owners.append(i), ranks.append(rank), srcs.append(toks)
                 hyps.append(ids + [self.eos] if len(ids) < dec.max_length else ids)
         self._forced(owners, srcs, hyps, ranks, rows)
 
+    def _unprefixed(self, hypothesis: list[str]) -> list[str]:
+        """A decoded hypothesis without the forced target prefix (CTranslate2 returns it in front)."""
+        p = len(self.target_prefix)
+        if hypothesis[:p] != self.target_prefix:
+            raise RuntimeError(f"CTranslate2 returned {hypothesis[:p]} where the target prefix "
+                               f"{self.target_prefix} was forced")
+        return hypothesis[p:]
+
     def _forced(self, owners: list[int], source_tokens, hyps: list[list[int]], ranks: list[int], rows) -> None:
-        """Teacher-forced pass: the distribution at every position of each ``hyps`` row."""
+        """Teacher-forced pass: the distribution at every position of each ``hyps`` row (after the prefix)."""
+        p = len(self.target_prefix)
         results = self.translator.translate_batch(
             source_tokens,
-            target_prefix=[self._tokens(h[:-1]) for h in hyps],
+            target_prefix=[self.target_prefix + self._tokens(h[:-1]) for h in hyps],
             beam_size=1,
             return_logits_vocab=True,
             min_decoding_length=0,
-            max_decoding_length=max(len(h) for h in hyps),
+            max_decoding_length=max(len(h) for h in hyps) + p,
             max_batch_size=0,
         )
         for owner, rank, hyp, res in zip(owners, ranks, hyps, results, strict=True):
-            self._reduce(owner, rank, hyp, _steps_to_tensor(res.logits[0][: len(hyp)]), rows)
+            self._reduce(owner, rank, hyp, _steps_to_tensor(res.logits[0][p: p + len(hyp)]), rows)
 
     def _reduce(self, example: int, rank: int, ids: list[int], logits: torch.Tensor, rows: _Rows) -> None:
         """Full-vocabulary logits ``[L, V]`` (on the teacher's device) → top-k ids/log-probs, tail mass and

@@ -182,7 +182,8 @@ def test_killed_driver_rerun_gives_identical_dataset(corpus, tiny_teacher, tmp_p
 
 
 @pytest.mark.parametrize("problem", ["missing_model", "tokenizer_mismatch", "empty_corpus", "bad_spec",
-                                     "top_k_over_vocabulary", "compute_type_unsupported_here", "cuda_without_gpu"])
+                                     "top_k_over_vocabulary", "compute_type_unsupported_here", "cuda_without_gpu",
+                                     "language_token_not_in_vocabulary"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(problem, corpus, tiny_teacher, tmp_path):
     spec = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path)
     if problem == "top_k_over_vocabulary":  # ≤ 1024, so the spec alone cannot know
@@ -203,6 +204,8 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(problem, corpus, tiny_tea
         spec = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path, teacher={"device": "cuda"},
                          resources={"gpus_per_worker": 0.5})
         message = "error: teacher.device is cuda but CTranslate2 sees no CUDA device on this machine"
+    elif problem == "language_token_not_in_vocabulary":
+        spec.teacher.target_prefix, message = ["__xx__"], "teacher.target_prefix '__xx__': not in the teacher's"
     elif problem == "missing_model":
         spec.teacher.model, message = str(tmp_path / "nowhere"), "teacher model directory not found"
     elif problem == "tokenizer_mismatch":

@@ -131,3 +131,13 @@ def test_auto_defers_the_compute_type_to_the_machine():
     """auto may end up on either device, so only plan_job (which resolves it) can check the compute type."""
     assert JobSpec.model_validate(gpu_spec(device="auto", compute_type="int16", gpus_per_worker=0))
     assert JobSpec.model_validate(gpu_spec(device="auto", compute_type="float16"))
+
+
+def test_language_prefixes_are_lists_of_single_tokens(tmp_path):
+    spec = JobSpec.model_validate({**BASE, "teacher": {"model": "m", "source_prefix": ["__en__"],
+                                                       "target_prefix": ["__de__"]}})
+    assert (spec.teacher.source_prefix, spec.teacher.target_prefix) == (["__en__"], ["__de__"])
+    assert JobSpec.model_validate(BASE).teacher.target_prefix == []
+    message = problems(tmp_path, "teacher: {model: m, source_prefix: ['two words'], target_prefix: ['']}\n")
+    assert "teacher.source_prefix.0: String should match pattern" in message
+    assert "teacher.target_prefix.0: String should have at least 1 character" in message
