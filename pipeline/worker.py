@@ -57,7 +57,13 @@ def as_torch(view) -> torch.Tensor:
 
     torch reads a CUDA view through ``__cuda_array_interface__``; a CPU view exposes only
     ``__array_interface__``, which torch takes through numpy (``torch.as_tensor(view)`` itself refuses it).
+    Neither interface has a bfloat16 type (a ``bfloat16`` / ``int8_bfloat16`` teacher): such a view is converted
+    to float32 first, on its device. Both tensors keep the view they read alive.
     """
+    import ctranslate2
+
+    if view.dtype == ctranslate2.DataType.bfloat16:
+        view = view.to(ctranslate2.DataType.float32)
     if view.device == "cuda":
         return torch.as_tensor(view, device=f"cuda:{view.device_index}")
     return torch.from_numpy(np.asarray(view))

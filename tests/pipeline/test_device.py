@@ -5,6 +5,7 @@ The CUDA branches of plan_device/as_torch need a GPU: bench/gpu_teacher.py exerc
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.ct2 import TeacherError
 from pipeline.device import actor_resources, cuda_device_count, plan_device, resolve_device
@@ -95,3 +96,16 @@ def test_a_cuda_worker_needs_a_cuda_build_of_torch():
                                    "teacher": {"model": "m", "device": "cuda"}, "resources": {"gpus_per_worker": 1}})
     with pytest.raises(TeacherError, match="torch has no CUDA"):
         TeacherWorker(spec)
+
+
+def test_as_torch_reads_bfloat16_logits_as_float32():
+    """The array interfaces have no bfloat16: a bfloat16 teacher's logits are converted, not refused."""
+    import ctranslate2
+
+    from pipeline.worker import as_torch
+
+    array = np.linspace(-3, 3, 600, dtype=np.float32)
+    view = ctranslate2.StorageView.from_array(array).to(ctranslate2.DataType.bfloat16)
+    tensor = as_torch(view)
+    assert tensor.dtype == torch.float32
+    np.testing.assert_allclose(tensor.numpy(), array, rtol=2**-8)  # bfloat16 keeps 8 significant bits
