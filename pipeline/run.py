@@ -351,7 +351,7 @@ def run_job(
         missing = [i for i in range(n_shards) if i not in done]
         if missing:
             raise RunError(f"shards {missing} did not complete")
-        manifest = _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint)
+        manifest = _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint, plan.device)
         manifest.write(store, directory)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
@@ -389,7 +389,7 @@ def _distill_shards(spec: JobSpec, corpus: pa.Table, todo: list[int], *, address
         yield ShardFailure.from_json(row["meta"]) or Sidecar.model_validate_json(row["meta"])
 
 
-def _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint) -> Manifest:
+def _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint, device) -> Manifest:
     import ctranslate2
 
     from pipeline.spec import SPEC_VERSION
@@ -403,7 +403,8 @@ def _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprin
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         spec=spec.model_dump(mode="json"),
         fingerprint=fingerprint,
-        teacher=TeacherInfo(model=spec.teacher.model, hash=teacher_hash, compute_type=spec.teacher.compute_type),
+        teacher=TeacherInfo(model=spec.teacher.model, hash=teacher_hash, compute_type=spec.teacher.compute_type,
+                            device=device),
         tokenizer=TokenizerInfo(path=spec.tokenizer_dir, vocab_hash=vocab_hash),
         top_k=spec.targets.top_k,
         counts=Counts(

@@ -70,6 +70,7 @@ def test_job_writes_shards_manifest_and_rejects(ray_local, corpus, tiny_teacher,
     assert [s.name for s in manifest.shards] == sorted(p.name for p in ds.glob("part-*.parquet"))
     assert manifest.tokenizer.vocab_hash == tiny_tokenizer.vocab_hash
     assert manifest.teacher.hash.startswith("sha256:") and manifest.schema_version == schema.SCHEMA_VERSION
+    assert on_disk["teacher"]["device"] == "cpu"  # the default teacher.device, recorded as resolved
 
     table = read_dataset(tmp_path, "ds")  # pyarrow.dataset opens the directory of shards as is
     assert schema.validate(table, top_k=4, vocab_size=len(tiny_tokenizer.tokens)) == []
