@@ -109,3 +109,36 @@ def test_as_torch_reads_bfloat16_logits_as_float32():
     tensor = as_torch(view)
     assert tensor.dtype == torch.float32
     np.testing.assert_allclose(tensor.numpy(), array, rtol=2**-8)  # bfloat16 keeps 8 significant bits
+
+
+def test_cpu_jobs_keep_the_fingerprint_they_had_before_devices_and_prefixes():
+    """Datasets written before teacher.device / the language prefixes existed must still resume; a CUDA job
+    (other rounding) and a prefixed teacher (other distributions) are other inputs."""
+    import hashlib
+    import json
+
+    import pyarrow as pa
+
+    from pipeline.run import _fingerprint, sha256_bytes
+    from pipeline.spec import JobSpec
+
+    spec = JobSpec.model_validate({"corpus": {"path": "c"}, "output": {"store": "s", "dataset": "d"},
+                                   "teacher": {"model": "m", "compute_type": "int8"}})
+    corpus = pa.table({"id": ["1", "2"], "source": ["a b", "c"], "target": ["x", "y z"]})
+
+    # the formula of the previous release, restated: teacher fields other than model/tokenizer, no device
+    payload = spec.model_dump(mode="json", exclude={"resources", "output"})
+    payload["output"] = {"shard_size": spec.output.shard_size}
+    payload["teacher"] = {"compute_type": "int8"}
+    digest = hashlib.sha256()
+    for col in ("id", "source", "target"):
+        for value in corpus.column(col).to_pylist():
+            digest.update(value.encode() + b"\0")
+    payload["corpus"] = digest.hexdigest()
+    payload |= {"teacher_hash": "sha256:t", "vocab_hash": "sha256:v"}
+    before = sha256_bytes(json.dumps(payload, sort_keys=True).encode())
+
+    assert _fingerprint(spec, "sha256:t", "sha256:v", corpus) == before
+    assert _fingerprint(spec, "sha256:t", "sha256:v", corpus, "cuda") != before
+    prefixed = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"target_prefix": ["__de__"]})})
+    assert _fingerprint(prefixed, "sha256:t", "sha256:v", corpus) != before
