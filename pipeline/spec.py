@@ -4,7 +4,7 @@ A spec is YAML or JSON::
 
     version: 1
     corpus: {path: data/train.parquet}            # pipeline.corpus.CorpusSpec
-    teacher: {model: work/demo/teacher-ct2}       # tokenizer defaults to the model directory
+    teacher: {model: work/demo/teacher-ct2}       # tokenizer defaults to the model directory; device: cpu
     decoding: {mode: beam, beam_size: 4, num_hypotheses: 2}
     targets: {top_k: 8}
     output: {store: work/datasets, dataset: bible-beam4}
@@ -50,14 +50,14 @@ class TeacherSpec(_Strict):
     tokenizer: str | None = Field(None, description="tokenizer directory; default: the model directory")
     compute_type: str = Field("int8", description=f"one of {', '.join(COMPUTE_TYPES)}; float16, bfloat16, "
                               "int8_float16 and int8_bfloat16 need CUDA, int16 a CPU")
-    device: Device = Field("cpu", description="cpu (default), cuda, or auto: cuda when the worker "
-                                     "reserves a GPU (resources.gpus_per_worker > 0) and CTranslate2 sees one")
+    device: Device = Field("cpu", description="cpu (default), cuda, or auto: cuda when the worker reserves a GPU "
+                           "(resources.gpus_per_worker > 0) and CTranslate2 sees one in the driver")
+    device_index: int = Field(0, ge=0, le=63, description="CUDA device id within the GPUs an actor sees (Ray "
+                              "sets CUDA_VISIBLE_DEVICES to the ones it reserved, so 0 is the usual value)")
     source_prefix: list[Token] = Field([], max_length=8, description="tokens put before every source sentence, "
                                        "e.g. [__en__] for M2M100 or [eng_Latn] for NLLB; never stored in source_ids")
     target_prefix: list[Token] = Field([], max_length=8, description="tokens forced at the start of every target, "
                                        "e.g. [__de__]; not stored: hyp_ids and top-k describe the tokens after them")
-    device_index: int = Field(0, ge=0, le=63, description="CUDA device id within the GPUs an actor sees (Ray "
-                              "sets CUDA_VISIBLE_DEVICES to the ones it reserved, so 0 is the usual value)")
 
     @field_validator("compute_type")
     @classmethod
