@@ -202,8 +202,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(problem, corpus, tiny_tea
 
         if cuda_device_count() > 0:
             pytest.skip("this machine has a CUDA device")
-        spec = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path, teacher={"device": "cuda"},
-                         resources={"gpus_per_worker": 0.5})
+        spec.teacher.device, spec.resources.gpus_per_worker = "cuda", 0.5
         message = "error: teacher.device is cuda but CTranslate2 sees no CUDA device on this machine"
     elif problem == "language_token_not_in_vocabulary":
         spec.teacher.target_prefix, message = ["__xx__"], "teacher.target_prefix '__xx__': not in the teacher's"
