@@ -226,7 +226,7 @@ def distill(
 
     quiet_libraries()
     job = load_config(spec, JobSpec)
-    plan = plan_job(job)  # every input checked before the bar is drawn or anything is written
+    plan = plan_job(job, address=address)  # every input checked before the bar is drawn or anything is written
     for warning in plan.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} shards"),

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_config(args.spec, JobSpec)
         from pipeline.run import plan_job, run_job
 
-        plan = plan_job(spec)
+        plan = plan_job(spec, address=args.address)
         for warning in plan.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         manifest = run_job(spec, address=args.address, plan=plan,

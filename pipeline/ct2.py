@@ -17,7 +17,8 @@ from pipeline.tokenizer import Tokenizer, vocab_hash
 EVAL_RECORD = "distillery_eval.json"  # written by `distillery eval` next to the model; not part of its identity
 # Weight files of a Hugging Face checkpoint (e.g. a run's best/): never part of a CTranslate2 model directory.
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-COMPUTE_TYPES = ("int8", "int8_float32", "float32", "int16", "float16", "bfloat16", "default", "auto")
+COMPUTE_TYPES = ("int8", "int8_float32", "float32", "int16", "float16", "bfloat16", "int8_float16", "int8_bfloat16",
+                 "default", "auto")
 
 
 class TeacherError(InputError):
@@ -77,6 +78,16 @@ def check_vocabulary(tokenizer: Tokenizer, model_dir: str | Path) -> str:
     return vocab_hash(model_tokens)
 
 
+def check_prefix_tokens(tokenizer: Tokenizer, source_prefix: list[str], target_prefix: list[str]) -> None:
+    """Refuses language tokens the teacher does not know: CTranslate2 would map them to ``<unk>`` silently."""
+    known = tokenizer.token_to_id
+    missing = [f"{side}_prefix {token!r}" for side, tokens in (("source", source_prefix), ("target", target_prefix))
+               for token in tokens if token not in known]
+    if missing:
+        raise TeacherError(f"teacher.{', teacher.'.join(missing)}: not in the teacher's vocabulary "
+                           f"({len(known)} tokens in {tokenizer.path})")
+
+
 def model_hash(model_dir: str | Path) -> str:
     """sha256 over the model's weights and config: the teacher identity recorded in manifests."""
     path = check_model_dir(model_dir)
@@ -98,6 +109,7 @@ def load_translator(
     intra_threads: int = 1,
     inter_threads: int = 1,
     device: str = "cpu",
+    device_index: int = 0,
 ):
     """Opens a ``ctranslate2.Translator``; every failure becomes a TeacherError with the cause."""
     import ctranslate2
@@ -109,6 +121,7 @@ def load_translator(
         return ctranslate2.Translator(
             str(path),
             device=device,
+            device_index=device_index,
             compute_type=compute_type,
             intra_threads=intra_threads,
             inter_threads=inter_threads,

@@ -222,6 +222,7 @@ class TeacherInfo(BaseModel):
     model: str
     hash: str = Field(description="'sha256:' over the model's weights and config")
     compute_type: str
+    device: str = Field("cpu", description="where the teacher ran: cpu or cuda (teacher.device resolved)")
 
 
 class TokenizerInfo(BaseModel):

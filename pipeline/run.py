@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.corpus import CorpusResult, read_corpus
-from pipeline.ct2 import check_compute_type, check_model_dir, check_vocabulary, model_hash
+from pipeline.ct2 import check_model_dir, check_prefix_tokens, check_vocabulary, model_hash
 from pipeline.dataset import (
     REJECTS,
     Counts,
@@ -43,6 +43,7 @@ from pipeline.dataset import (
     TokenizerInfo,
     shard_file,
 )
+from pipeline.device import actor_resources, plan_device
 from pipeline.errors import InputError, RunError
 from pipeline.evaluate import teacher_warning
 from pipeline.spec import JobSpec
@@ -67,11 +68,17 @@ def sha256_bytes(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _fingerprint(spec: JobSpec, teacher: str, vocab: str, corpus: pa.Table) -> str:
+def _fingerprint(spec: JobSpec, teacher: str, vocab: str, corpus: pa.Table, device: str = "cpu") -> str:
     """Identity of everything that determines shard content (not resources or the output place)."""
     payload = spec.model_dump(mode="json", exclude={"resources", "output"})
     payload["output"] = {"shard_size": spec.output.shard_size}
-    payload["teacher"].pop("model"), payload["teacher"].pop("tokenizer")
+    for name in ("model", "tokenizer", "device", "device_index"):
+        payload["teacher"].pop(name)
+    for name in ("source_prefix", "target_prefix"):  # only when set: older jobs keep their fingerprint
+        if not payload["teacher"][name]:
+            payload["teacher"].pop(name)
+    if device != "cpu":  # CUDA kernels round differently; CPU jobs keep the fingerprint they had before devices
+        payload["teacher"]["device"] = device
     digest = hashlib.sha256()  # incremental: never one copy of the whole corpus in memory
     for col in ("id", "source", "target"):
         for chunk in corpus.column(col).chunks:
@@ -116,7 +123,7 @@ class ShardFailure:
 class ShardWriter:
     """Ray Data callable: shard descriptors → (distil, write shard + sidecar) → metadata rows."""
 
-    def __init__(self, spec_json: str, examples_ref: list, vocab: dict):
+    def __init__(self, spec_json: str, examples_ref: list, vocab: dict, device: str = "cpu"):
         import ray
 
         from pipeline.worker import TeacherWorker
@@ -129,7 +136,7 @@ class ShardWriter:
         # clear message, where a raised exception would make Ray log tracebacks and retry the actor forever.
         self.failure = ""
         try:
-            self.worker = TeacherWorker(self.spec)
+            self.worker = TeacherWorker(self.spec, device=device)
             self.store = Store.from_uri(self.spec.output.store, endpoint_override=self.spec.output.s3_endpoint)
         except Exception as exc:
             self.failure = _describe(exc)
@@ -232,18 +239,26 @@ class JobPlan:
     vocab_hash: str
     fingerprint: str
     warnings: tuple[str, ...] = ()  # e.g. a teacher scored below its copy baseline; printed, never fatal
+    device: str = "cpu"  # teacher.device resolved (auto → cpu | cuda): what every worker loads the teacher on
 
 
-def plan_job(spec: JobSpec) -> JobPlan:
+def plan_job(spec: JobSpec, *, address: str | None = None) -> JobPlan:
     """Checks every input a job needs, in the driver, and writes nothing.
+
+    Args:
+        spec: the job.
+        address: the Ray cluster the job will join (default ``RAY_ADDRESS``): there a ``cuda`` teacher runs on
+            the cluster's GPU nodes, so this machine need not have one.
 
     Raises:
         JobError, TeacherError, TokenizerError, CorpusError (all ``InputError``): the job cannot run.
     """
     check_model_dir(spec.teacher.model)  # before the tokenizer, which defaults to the same directory
-    check_compute_type(spec.teacher.compute_type)
+    t = spec.teacher
+    device = plan_device(t.device, t.device_index, t.compute_type, spec.resources.gpus_per_worker, address=address)
     tokenizer = Tokenizer.load(spec.tokenizer_dir)
     vocab_hash = check_vocabulary(tokenizer, spec.teacher.model)
+    check_prefix_tokens(tokenizer, t.source_prefix, t.target_prefix)
     if spec.targets.top_k > len(tokenizer.tokens):
         raise JobError(f"targets.top_k {spec.targets.top_k} exceeds the teacher's vocabulary "
                        f"({len(tokenizer.tokens)} tokens in {spec.teacher.model})")
@@ -253,7 +268,7 @@ def plan_job(spec: JobSpec) -> JobPlan:
         rejects = (Path(tmp) / "rejects.jsonl").read_bytes()
     if corpus.kept == 0:
         raise JobError(f"empty corpus: {corpus.summary()}")
-    fingerprint = _fingerprint(spec, teacher_hash, vocab_hash, corpus.table)
+    fingerprint = _fingerprint(spec, teacher_hash, vocab_hash, corpus.table, device)
     store = Store.from_uri(spec.output.store, endpoint_override=spec.output.s3_endpoint)
     directory = spec.output.dataset
     previous = JobRecord.read(store, directory)
@@ -261,7 +276,7 @@ def plan_job(spec: JobSpec) -> JobPlan:
         raise JobError(f"dataset {directory!r} already exists in {spec.output.store} and was made from "
                        "other inputs (spec, teacher, tokenizer or corpus); choose another dataset name")
     warnings = tuple(w for w in [teacher_warning(spec.teacher.model)] if w)
-    return JobPlan(corpus, rejects, teacher_hash, vocab_hash, fingerprint, warnings)
+    return JobPlan(corpus, rejects, teacher_hash, vocab_hash, fingerprint, warnings, device)
 
 
 def run_job(
@@ -283,7 +298,7 @@ def run_job(
         InputError (JobError, TeacherError, TokenizerError, CorpusError): before anything is written.
         RunError: the job failed after it started writing; a re-run resumes it.
     """
-    plan = plan or plan_job(spec)
+    plan = plan or plan_job(spec, address=address)
     store = Store.from_uri(spec.output.store, endpoint_override=spec.output.s3_endpoint)
     directory = spec.output.dataset
     corpus, teacher_hash, vocab_hash, fingerprint = plan.corpus, plan.teacher_hash, plan.vocab_hash, plan.fingerprint
@@ -318,7 +333,7 @@ def run_job(
     failed: dict[int, str] = {}  # shard -> the error a worker reported
     try:
         if todo:
-            for meta in _distill_shards(spec, corpus.table, todo, address=address):
+            for meta in _distill_shards(spec, corpus.table, todo, address=address, device=plan.device):
                 if isinstance(meta, ShardFailure):
                     failed[meta.shard] = meta.error
                     continue
@@ -336,7 +351,7 @@ def run_job(
         missing = [i for i in range(n_shards) if i not in done]
         if missing:
             raise RunError(f"shards {missing} did not complete")
-        manifest = _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint)
+        manifest = _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint, plan.device)
         manifest.write(store, directory)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
@@ -349,7 +364,7 @@ def run_job(
     return manifest
 
 
-def _distill_shards(spec: JobSpec, corpus: pa.Table, todo: list[int], *, address: str | None):
+def _distill_shards(spec: JobSpec, corpus: pa.Table, todo: list[int], *, address: str | None, device: str = "cpu"):
     """Yields shard metadata as the actor pool finishes shards (order not guaranteed)."""
     import ray
 
@@ -363,8 +378,9 @@ def _distill_shards(spec: JobSpec, corpus: pa.Table, todo: list[int], *, address
         ShardWriter,
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(spec.resources.workers, len(todo))),
-        num_cpus=spec.resources.threads_per_worker,
-        fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "examples_ref": [examples_ref],
+        **actor_resources(device=device, threads_per_worker=spec.resources.threads_per_worker,
+                          gpus_per_worker=spec.resources.gpus_per_worker),
+        fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "device": device, "examples_ref": [examples_ref],
                                "vocab": _noise_vocab(corpus, spec)},
         # Ray Data restarts a killed actor and retries its shard (max_restarts / max_task_retries
         # default to -1 for actor pools); a retried shard rewrites the same file, so retries are safe.
@@ -373,7 +389,7 @@ def _distill_shards(spec: JobSpec, corpus: pa.Table, todo: list[int], *, address
         yield ShardFailure.from_json(row["meta"]) or Sidecar.model_validate_json(row["meta"])
 
 
-def _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint) -> Manifest:
+def _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprint, device) -> Manifest:
     import ctranslate2
 
     from pipeline.spec import SPEC_VERSION
@@ -387,7 +403,8 @@ def _manifest(spec, done, n_shards, corpus, teacher_hash, vocab_hash, fingerprin
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         spec=spec.model_dump(mode="json"),
         fingerprint=fingerprint,
-        teacher=TeacherInfo(model=spec.teacher.model, hash=teacher_hash, compute_type=spec.teacher.compute_type),
+        teacher=TeacherInfo(model=spec.teacher.model, hash=teacher_hash, compute_type=spec.teacher.compute_type,
+                            device=device),
         tokenizer=TokenizerInfo(path=spec.tokenizer_dir, vocab_hash=vocab_hash),
         top_k=spec.targets.top_k,
         counts=Counts(

@@ -4,7 +4,7 @@ A spec is YAML or JSON::
 
     version: 1
     corpus: {path: data/train.parquet}            # pipeline.corpus.CorpusSpec
-    teacher: {model: work/demo/teacher-ct2}       # tokenizer defaults to the model directory
+    teacher: {model: work/demo/teacher-ct2}       # tokenizer defaults to the model directory; device: cpu
     decoding: {mode: beam, beam_size: 4, num_hypotheses: 2}
     targets: {top_k: 8}
     output: {store: work/datasets, dataset: bible-beam4}
@@ -16,14 +16,15 @@ sampling settings in beam mode, …) fail validation before any work starts, all
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.config import raise_problems
 from pipeline.corpus import CorpusSpec, FilterSpec
 from pipeline.ct2 import COMPUTE_TYPES
 from pipeline.dataset import NAME_RULE, DatasetName
+from pipeline.device import MAX_GPUS_PER_WORKER, Device, check_gpus_per_worker, static_problems
 from pipeline.noise import NoiseSpec
 
 SPEC_VERSION = 1
@@ -41,10 +42,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+Token = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^\S+$")]  # one vocabulary entry
+
+
 class TeacherSpec(_Strict):
     model: str = Field(description="CTranslate2 model directory")
     tokenizer: str | None = Field(None, description="tokenizer directory; default: the model directory")
-    compute_type: str = Field("int8", description=f"one of {', '.join(COMPUTE_TYPES)}")
+    compute_type: str = Field("int8", description=f"one of {', '.join(COMPUTE_TYPES)}; float16, bfloat16, "
+                              "int8_float16 and int8_bfloat16 need CUDA, int16 a CPU")
+    device: Device = Field("cpu", description="cpu (default), cuda, or auto: cuda when the worker reserves a GPU "
+                           "(resources.gpus_per_worker > 0) and CTranslate2 sees one in the driver")
+    device_index: int = Field(0, ge=0, le=63, description="CUDA device id within the GPUs an actor sees (Ray "
+                              "sets CUDA_VISIBLE_DEVICES to the ones it reserved, so 0 is the usual value)")
+    source_prefix: list[Token] = Field([], max_length=8, description="tokens put before every source sentence, "
+                                       "e.g. [__en__] for M2M100 or [eng_Latn] for NLLB; never stored in source_ids")
+    target_prefix: list[Token] = Field([], max_length=8, description="tokens forced at the start of every target, "
+                                       "e.g. [__de__]; not stored: hyp_ids and top-k describe the tokens after them")
 
     @field_validator("compute_type")
     @classmethod
@@ -106,6 +119,10 @@ class ResourcesSpec(_Strict):
     workers: int = Field(2, ge=1, le=1024, description="teacher actors (one CTranslate2 translator each)")
     threads_per_worker: int = Field(1, ge=1, le=256, description="CTranslate2 intra_threads per actor")
     batch_tokens: int = Field(4096, ge=64, le=1 << 20, description="source tokens per CTranslate2 call")
+    gpus_per_worker: Annotated[float, AfterValidator(check_gpus_per_worker)] = Field(
+        0, ge=0, le=MAX_GPUS_PER_WORKER,
+        description="GPUs each CUDA teacher actor reserves: a fraction (0.5: two actors share one GPU) or whole "
+                    "GPUs; 0 for a CPU teacher")
 
 
 class JobSpec(_Strict):
@@ -118,6 +135,15 @@ class JobSpec(_Strict):
     noise: NoiseSpec = NoiseSpec()
     output: OutputSpec
     resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="after")
+    def _device_consistent(self) -> JobSpec:
+        """Device contradictions that hold on any machine; what this machine can run is plan_job's check."""
+        t, r = self.teacher, self.resources
+        problems = static_problems(t.device, t.compute_type, r.gpus_per_worker)
+        raise_problems(self, [(f"{'resources' if f == 'gpus_per_worker' else 'teacher'}.{f}", m)
+                              for f, m in problems])
+        return self
 
     @property
     def tokenizer_dir(self) -> str:

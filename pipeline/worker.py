@@ -2,13 +2,20 @@
 
 Per sub-batch (examples sorted by length, cut by a token budget) it decodes in the configured mode, then
 reduces CTranslate2's full-vocabulary logits to the top k **immediately**, so a worker's memory never grows
-with corpus size. Top-k runs in torch (numpy's argpartition is slower than the int8 teacher itself).
+with corpus size. Top-k runs in torch (numpy's argpartition is slower than the int8 teacher itself), on the
+device the teacher ran on: CTranslate2's logits become torch tensors without a copy (``__array_interface__`` on
+CPU, ``__cuda_array_interface__`` on CUDA) and only the k best ids/log-probs per position reach host memory.
 
 * ``teacher_forcing`` — one pass with the reference as ``target_prefix``, cut at ``decoding.max_length``
   tokens like every decoded hypothesis (the kept positions' distributions are exact: decoding is causal).
 * ``greedy`` — one pass; CTranslate2 returns the logits of the steps it took.
 * ``beam`` / ``sample`` — CTranslate2 returns no per-step logits here, so the chosen hypotheses get a
   second, teacher-forced pass.
+
+Multilingual teachers (M2M100 / NLLB style) get ``teacher.source_prefix`` before every source sentence and
+``teacher.target_prefix`` forced at the start of every target. The forced positions are not stored: ``hyp_ids``,
+the top-k and the score describe the target tokens after them (distributions conditioned on the prefix), and
+``decoding.max_length`` counts those tokens only; the manifest's spec names the prefix.
 
 ``min_decoding_length=0`` everywhere: otherwise CTranslate2 masks ``</s>`` at step 0 of the returned logits
 and the stored distribution would not be the teacher's.
@@ -25,7 +32,8 @@ import torch
 
 from pipeline import schema
 from pipeline.batching import budget_chunks
-from pipeline.ct2 import check_vocabulary, load_translator
+from pipeline.ct2 import TeacherError, check_prefix_tokens, check_vocabulary, load_translator
+from pipeline.device import resolve_device
 from pipeline.noise import noise_batch
 from pipeline.spec import DecodeMode, JobSpec
 from pipeline.tokenizer import Tokenizer
@@ -44,18 +52,50 @@ class _Rows:
     tail: list[np.ndarray] = field(default_factory=list)  # [L]
 
 
+def as_torch(view) -> torch.Tensor:
+    """A CTranslate2 StorageView as a torch tensor on the same device, sharing its memory (no copy).
+
+    torch reads a CUDA view through ``__cuda_array_interface__``; a CPU view exposes only
+    ``__array_interface__``, which torch takes through numpy (``torch.as_tensor(view)`` itself refuses it).
+    Neither interface has a bfloat16 type (a ``bfloat16`` / ``int8_bfloat16`` teacher): such a view is converted
+    to float32 first, on its device. Both tensors keep the view they read alive.
+    """
+    import ctranslate2
+
+    if view.dtype == ctranslate2.DataType.bfloat16:
+        view = view.to(ctranslate2.DataType.float32)
+    if view.device == "cuda":
+        return torch.as_tensor(view, device=f"cuda:{view.device_index}")
+    return torch.from_numpy(np.asarray(view))
+
+
 def _steps_to_tensor(steps) -> torch.Tensor:
-    """CTranslate2 per-step logits (StorageViews of shape [V]) → ``[L, V]`` float32 tensor."""
-    return torch.from_numpy(np.stack([np.asarray(s) for s in steps])).float()
+    """CTranslate2 per-step logits (StorageViews of shape ``[V]``) → ``[L, V]`` float32 tensor on their device.
+
+    The views only borrow CTranslate2's buffers; ``stack`` copies them (on the device) while ``steps`` keeps the
+    result alive.
+    """
+    return torch.stack([as_torch(s) for s in steps]).float()
 
 
 class TeacherWorker:
     """Distils examples into shard rows. Ray Data constructs it once per actor (``map_batches``)."""
 
-    def __init__(self, spec: JobSpec, *, threads: int | None = None):
+    def __init__(self, spec: JobSpec, *, threads: int | None = None, device: str | None = None):
+        """Args:
+            spec: the job.
+            threads: CTranslate2 ``intra_threads`` (default ``resources.threads_per_worker``).
+            device: ``cpu`` or ``cuda``, as the driver resolved ``teacher.device`` (default: resolved here).
+        """
         self.spec = spec
+        self.device = device or resolve_device(spec.teacher.device, spec.resources.gpus_per_worker)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise TeacherError("teacher.device is cuda but this worker's torch has no CUDA (a CPU build): the top-k "
+                               "reduction runs in torch on the teacher's device; install torch's CUDA build")
         self.tokenizer = Tokenizer.load(spec.tokenizer_dir)
         check_vocabulary(self.tokenizer, spec.teacher.model)
+        check_prefix_tokens(self.tokenizer, spec.teacher.source_prefix, spec.teacher.target_prefix)
+        self.source_prefix, self.target_prefix = spec.teacher.source_prefix, spec.teacher.target_prefix
         self.threads = threads or spec.resources.threads_per_worker
         self.translator = self._load()
         self.k = spec.targets.top_k
@@ -66,7 +106,8 @@ class TeacherWorker:
 
     def _load(self):
         return load_translator(self.spec.teacher.model, compute_type=self.spec.teacher.compute_type,
-                               intra_threads=self.threads)
+                               intra_threads=self.threads, device=self.device,
+                               device_index=self.spec.teacher.device_index)
 
     # -- one shard ------------------------------------------------------------------------------
     def distill(self, examples: pa.Table, *, vocab: dict | None = None, seed: int = 0) -> pa.Table:
@@ -133,16 +174,18 @@ class TeacherWorker:
 
     def _decode(self, sub: list[int], src, tgt, rows: _Rows) -> None:
         dec, mode = self.spec.decoding, self.spec.decoding.mode
-        source_tokens = [self._tokens(src[i]) for i in sub]
+        source_tokens = [self.source_prefix + self._tokens(src[i]) for i in sub]
         if mode == DecodeMode.TEACHER_FORCING:
             self._forced(sub, source_tokens, [tgt[i][: dec.max_length] for i in sub], [0] * len(sub), rows)
             return
-        common = dict(max_decoding_length=dec.max_length, min_decoding_length=0, max_batch_size=0)
+        p = len(self.target_prefix)
+        common = dict(max_decoding_length=dec.max_length + p, min_decoding_length=0, max_batch_size=0,
+                      target_prefix=[self.target_prefix] * len(sub) if p else None)
         if mode == DecodeMode.GREEDY:
             results = self.translator.translate_batch(source_tokens, beam_size=1, return_logits_vocab=True, **common)
             for i, res in zip(sub, results, strict=True):
-                logits = _steps_to_tensor(res.logits[0])
-                ids = self.tokenizer.tokens_to_ids(res.hypotheses[0])
+                logits = _steps_to_tensor(res.logits[0][p:])
+                ids = self.tokenizer.tokens_to_ids(self._unprefixed(res.hypotheses[0]))
                 ids = ids + [self.eos] if len(logits) == len(ids) + 1 else ids  # no </s> when truncated
                 self._reduce(i, 0, ids, logits[: len(ids)], rows)
             return
@@ -157,37 +200,48 @@ class TeacherWorker:
         owners, ranks, hyps, srcs = [], [], [], []
         for i, toks, res in zip(sub, source_tokens, results, strict=True):
             for rank, hyp in enumerate(res.hypotheses):
-                ids = self.tokenizer.tokens_to_ids(hyp)
+                ids = self.tokenizer.tokens_to_ids(self._unprefixed(hyp))
                 owners.append(i), ranks.append(rank), srcs.append(toks)
                 hyps.append(ids + [self.eos] if len(ids) < dec.max_length else ids)
         self._forced(owners, srcs, hyps, ranks, rows)
 
+    def _unprefixed(self, hypothesis: list[str]) -> list[str]:
+        """A decoded hypothesis without the forced target prefix (CTranslate2 returns it in front)."""
+        p = len(self.target_prefix)
+        if hypothesis[:p] != self.target_prefix:
+            raise RuntimeError(f"CTranslate2 returned {hypothesis[:p]} where the target prefix "
+                               f"{self.target_prefix} was forced")
+        return hypothesis[p:]
+
     def _forced(self, owners: list[int], source_tokens, hyps: list[list[int]], ranks: list[int], rows) -> None:
-        """Teacher-forced pass: the distribution at every position of each ``hyps`` row."""
+        """Teacher-forced pass: the distribution at every position of each ``hyps`` row (after the prefix)."""
+        p = len(self.target_prefix)
         results = self.translator.translate_batch(
             source_tokens,
-            target_prefix=[self._tokens(h[:-1]) for h in hyps],
+            target_prefix=[self.target_prefix + self._tokens(h[:-1]) for h in hyps],
             beam_size=1,
             return_logits_vocab=True,
             min_decoding_length=0,
-            max_decoding_length=max(len(h) for h in hyps),
+            max_decoding_length=max(len(h) for h in hyps) + p,
             max_batch_size=0,
         )
         for owner, rank, hyp, res in zip(owners, ranks, hyps, results, strict=True):
-            self._reduce(owner, rank, hyp, _steps_to_tensor(res.logits[0][: len(hyp)]), rows)
+            self._reduce(owner, rank, hyp, _steps_to_tensor(res.logits[0][p: p + len(hyp)]), rows)
 
     def _reduce(self, example: int, rank: int, ids: list[int], logits: torch.Tensor, rows: _Rows) -> None:
-        """Full-vocabulary logits ``[L, V]`` → top-k ids/log-probs, tail mass and sequence score."""
+        """Full-vocabulary logits ``[L, V]`` (on the teacher's device) → top-k ids/log-probs, tail mass and
+        sequence score; only ``[L, k]`` values and one score leave the device."""
         logprobs = torch.log_softmax(logits, dim=-1)
         values, indices = logprobs.topk(self.k, dim=-1)
-        score = logprobs.gather(1, torch.as_tensor(ids).unsqueeze(1)).sum().item()
+        score = logprobs.gather(1, torch.as_tensor(ids, device=logprobs.device).unsqueeze(1)).sum()
+        values = values.cpu().numpy()
         rows.example.append(example)
         rows.rank.append(rank)
         rows.hyp_ids.append(ids)
-        rows.score.append(score)
-        rows.topk_ids.append(indices.numpy().astype(np.int32))
-        rows.topk_lp.append(values.numpy())
-        rows.tail.append(schema.tail_logprob(values.numpy()))
+        rows.score.append(score.item())
+        rows.topk_ids.append(indices.to(torch.int32).cpu().numpy())
+        rows.topk_lp.append(values)
+        rows.tail.append(schema.tail_logprob(values))
 
 
 def cut_rows(table: pa.Table, eos: int) -> int:

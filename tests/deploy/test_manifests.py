@@ -217,15 +217,7 @@ def test_rayjob_specs_are_mounted_on_the_driver_and_validate(doc):
     key = mounted_file(head_template(doc), path)
     assert key is not None, f"{path} is not a file of a mounted, generated ConfigMap on the head (driver) pod"
     source = m.generated_configmaps()["distillery-specs"][key]
-    if model.__name__ == "JobSpec" and not _has_gpu_fields() and "distill-gpu" in key:
-        pytest.skip("needs GPU spec fields (issue 12 item 1)")
     load_config(source, model)
-
-
-def _has_gpu_fields() -> bool:
-    from pipeline.spec import TeacherSpec
-
-    return "device" in TeacherSpec.model_fields
 
 
 @pytest.mark.parametrize("name", sorted(m.generated_configmaps()["distillery-specs"]))
@@ -236,8 +228,6 @@ def test_every_shipped_spec_validates(name):
 
     path = m.generated_configmaps()["distillery-specs"][name]
     assert path.is_file()
-    if name == "distill-gpu.yaml" and not _has_gpu_fields():
-        pytest.skip("needs GPU spec fields (issue 12 item 1)")
     load_config(path, StudentConfig if name.startswith("student") else JobSpec)
 
 
@@ -286,6 +276,27 @@ def test_rayjob_clusters_fit_the_workers_their_spec_asks_for(doc):
     assert head_template(doc) and doc["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     slots = sum(int(pod // threads) for pod in cpu_capacity(doc))
     assert slots >= workers, f"{workers} workers × {threads} CPUs do not fit on pods {cpu_capacity(doc)}"
+
+
+def test_the_gpu_rayjob_fits_the_actors_its_spec_asks_for():
+    """The GPU job's actors reserve what pipeline.device.actor_resources computes from its spec: all of them
+    must fit on the GPU pods at once (GPUs and CPUs both), or the job waits forever for a GPU."""
+    from pipeline.config import load_config
+    from pipeline.device import actor_resources
+    from pipeline.spec import JobSpec
+
+    doc = by_kind("RayJob", "distill-gpu")
+    _, path = m.spec_argument(shlex.split(doc["spec"]["entrypoint"]))
+    spec = load_config(m.generated_configmaps()["distillery-specs"][mounted_file(head_template(doc), path)], JobSpec)
+    need = actor_resources(device=spec.teacher.device, threads_per_worker=spec.resources.threads_per_worker,
+                           gpus_per_worker=spec.resources.gpus_per_worker)
+    assert need["num_gpus"] > 0
+    slots = 0
+    for group in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        gpus, cpus = int(limits.get("nvidia.com/gpu", 0)), m.cpus(limits["cpu"])
+        slots += group.get("replicas", 0) * min(int(gpus / need["num_gpus"] + 1e-9), int(cpus // need["num_cpus"]))
+    assert slots >= spec.resources.workers, f"{spec.resources.workers} GPU actors do not fit: {slots} slots"
 
 
 # ------------------------------------------------------------------------------- images and Dockerfiles

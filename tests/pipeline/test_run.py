@@ -70,6 +70,7 @@ def test_job_writes_shards_manifest_and_rejects(ray_local, corpus, tiny_teacher,
     assert [s.name for s in manifest.shards] == sorted(p.name for p in ds.glob("part-*.parquet"))
     assert manifest.tokenizer.vocab_hash == tiny_tokenizer.vocab_hash
     assert manifest.teacher.hash.startswith("sha256:") and manifest.schema_version == schema.SCHEMA_VERSION
+    assert on_disk["teacher"]["device"] == "cpu"  # the default teacher.device, recorded as resolved
 
     table = read_dataset(tmp_path, "ds")  # pyarrow.dataset opens the directory of shards as is
     assert schema.validate(table, top_k=4, vocab_size=len(tiny_tokenizer.tokens)) == []
@@ -182,7 +183,8 @@ def test_killed_driver_rerun_gives_identical_dataset(corpus, tiny_teacher, tmp_p
 
 
 @pytest.mark.parametrize("problem", ["missing_model", "tokenizer_mismatch", "empty_corpus", "bad_spec",
-                                     "top_k_over_vocabulary", "compute_type_unsupported_here"])
+                                     "top_k_over_vocabulary", "compute_type_unsupported_here", "cuda_without_gpu",
+                                     "language_token_not_in_vocabulary"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(problem, corpus, tiny_teacher, tmp_path):
     spec = make_spec(corpus, tiny_teacher["ct2_int8"], tmp_path)
     if problem == "top_k_over_vocabulary":  # ≤ 1024, so the spec alone cannot know
@@ -195,6 +197,15 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(problem, corpus, tiny_tea
         if not unsupported:
             pytest.skip("this CPU supports every compute type")
         spec.teacher.compute_type, message = unsupported[0], f"compute type '{unsupported[0]}' is not supported"
+    elif problem == "cuda_without_gpu":  # a valid cluster spec, run where there is no GPU (this machine)
+        from pipeline.device import cuda_device_count
+
+        if cuda_device_count() > 0:
+            pytest.skip("this machine has a CUDA device")
+        spec.teacher.device, spec.resources.gpus_per_worker = "cuda", 0.5
+        message = "error: teacher.device is cuda but CTranslate2 sees no CUDA device on this machine"
+    elif problem == "language_token_not_in_vocabulary":
+        spec.teacher.target_prefix, message = ["__xx__"], "teacher.target_prefix '__xx__': not in the teacher's"
     elif problem == "missing_model":
         spec.teacher.model, message = str(tmp_path / "nowhere"), "teacher model directory not found"
     elif problem == "tokenizer_mismatch":

@@ -68,3 +68,76 @@ def test_a_dumped_spec_validates_again():
     spec = JobSpec.model_validate(BASE | {"decoding": {"mode": "beam", "beam_size": 5, "num_hypotheses": 2,
                                                        "length_penalty": 0.6}})
     assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+# -- GPU teachers: the spec validates anywhere; what this machine can run is plan_job's check (test_device.py)
+def gpu_spec(**teacher_and_resources) -> dict:
+    teacher = {"model": "m", "device": "cuda", "compute_type": "int8_float16"}
+    resources = {"gpus_per_worker": 0.5}
+    for key, value in teacher_and_resources.items():
+        (resources if key == "gpus_per_worker" else teacher)[key] = value
+    return {**BASE, "teacher": teacher, "resources": resources}
+
+
+@pytest.mark.parametrize("compute_type", ["float16", "bfloat16", "int8_float16", "int8_bfloat16", "int8", "float32"])
+def test_a_cuda_spec_validates_on_a_machine_without_a_gpu(compute_type):
+    spec = JobSpec.model_validate(gpu_spec(compute_type=compute_type, device_index=1))
+    assert (spec.teacher.device, spec.teacher.device_index, spec.teacher.compute_type) == ("cuda", 1, compute_type)
+    assert spec.resources.gpus_per_worker == 0.5
+
+
+def test_cpu_stays_the_default():
+    spec = JobSpec.model_validate(BASE)
+    assert (spec.teacher.device, spec.teacher.device_index, spec.resources.gpus_per_worker) == ("cpu", 0, 0)
+
+
+@pytest.mark.parametrize("gpus", [0.1, 0.25, 1 / 3, 1, 2, 8])
+def test_gpus_per_worker_takes_fractions_or_whole_gpus(gpus):
+    assert JobSpec.model_validate(gpu_spec(gpus_per_worker=gpus)).resources.gpus_per_worker == gpus
+
+
+@pytest.mark.parametrize("gpus, message", [
+    (1.5, "a worker takes a fraction of one GPU (0 < g ≤ 1) or whole GPUs"),
+    (-0.5, "greater than or equal to 0"), (9, "less than or equal to 8"),
+])
+def test_gpus_per_worker_out_of_bounds_is_refused(gpus, message):
+    with pytest.raises(ValueError, match="resources.gpus_per_worker") as info:
+        JobSpec.model_validate(gpu_spec(gpus_per_worker=gpus))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [("device", "tpu"), ("device", "gpu"), ("device_index", -1),
+                                          ("device_index", 64), ("compute_type", "fp16")])
+def test_unknown_devices_and_compute_types_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"teacher.{field}"):
+        JobSpec.model_validate(gpu_spec(**{field: value}))
+
+
+def test_every_device_contradiction_is_reported_at_once(tmp_path):
+    cpu_gpu_types = problems(tmp_path, "teacher: {model: m, device: cpu, compute_type: float16}\n"
+                                       "resources: {gpus_per_worker: 0.5}\n")
+    lines = sorted(line.strip() for line in cpu_gpu_types.splitlines()[1:])
+    assert lines == [
+        "resources.gpus_per_worker: teacher.device is cpu: resources.gpus_per_worker must be 0",
+        "teacher.compute_type: compute type 'float16' runs only on CUDA; use teacher.device cuda (or auto) or a CPU "
+        "type (int8, int8_float32, float32, int16)",
+    ]
+    cuda = problems(tmp_path, "teacher: {model: m, device: cuda, compute_type: int16}\n")
+    assert "teacher.compute_type: compute type 'int16' runs only on CPUs" in cuda
+    assert "resources.gpus_per_worker: teacher.device is cuda: set resources.gpus_per_worker > 0" in cuda
+
+
+def test_auto_defers_the_compute_type_to_the_machine():
+    """auto may end up on either device, so only plan_job (which resolves it) can check the compute type."""
+    assert JobSpec.model_validate(gpu_spec(device="auto", compute_type="int16", gpus_per_worker=0))
+    assert JobSpec.model_validate(gpu_spec(device="auto", compute_type="float16"))
+
+
+def test_language_prefixes_are_lists_of_single_tokens(tmp_path):
+    spec = JobSpec.model_validate({**BASE, "teacher": {"model": "m", "source_prefix": ["__en__"],
+                                                       "target_prefix": ["__de__"]}})
+    assert (spec.teacher.source_prefix, spec.teacher.target_prefix) == (["__en__"], ["__de__"])
+    assert JobSpec.model_validate(BASE).teacher.target_prefix == []
+    message = problems(tmp_path, "teacher: {model: m, source_prefix: ['two words'], target_prefix: ['']}\n")
+    assert "teacher.source_prefix.0: String should match pattern" in message
+    assert "teacher.target_prefix.0: String should have at least 1 character" in message
