@@ -75,3 +75,23 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def measure_job(spec) -> dict:
+    """Runs a distillation job from scratch and returns its throughput: whole job, and the workers' steady state
+    (target tokens over the workers' summed shard time, divided by the workers running in parallel)."""
+    import shutil
+
+    from pipeline.dataset import Sidecar, sidecar_file
+    from pipeline.run import run_job
+
+    name = spec.output.dataset
+    shutil.rmtree(Path(spec.output.store) / name, ignore_errors=True)
+    with Timer() as t:
+        manifest = run_job(spec)
+    sidecars = [Sidecar.model_validate_json((Path(spec.output.store) / name / sidecar_file(s.shard)).read_text())
+                for s in manifest.shards]
+    tokens = manifest.counts.target_tokens
+    busy = sum(s.seconds for s in sidecars) / spec.resources.workers
+    return {"job_tok_s": tokens / t.seconds, "worker_tok_s": tokens / busy, "tokens": tokens,
+            "bytes_per_token": manifest.counts.bytes / tokens, "seconds": t.seconds}

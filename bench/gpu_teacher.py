@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import pyarrow.parquet as pq
-from common import WORK, Timer, corpus_file, setup
+from common import WORK, Timer, corpus_file, measure_job, setup
 
 TOP_K = 8
 
@@ -62,20 +61,7 @@ def job_spec(paths, corpus, *, mode: str, args, name: str, device: str = "cuda",
 
 
 def distill(paths, corpus, *, mode: str, args) -> dict:
-    from pipeline.dataset import Sidecar, sidecar_file
-    from pipeline.run import run_job
-
-    spec = job_spec(paths, corpus, mode=mode, args=args, name=f"gpu-{mode}")
-    name = spec.output.dataset
-    shutil.rmtree(WORK / "datasets" / name, ignore_errors=True)
-    with Timer() as t:
-        manifest = run_job(spec)
-    sidecars = [Sidecar.model_validate_json((WORK / "datasets" / name / sidecar_file(s.shard)).read_text())
-                for s in manifest.shards]
-    tokens = manifest.counts.target_tokens
-    busy = sum(s.seconds for s in sidecars) / spec.resources.workers  # the workers run in parallel
-    return {"job_tok_s": tokens / t.seconds, "worker_tok_s": tokens / busy, "tokens": tokens,
-            "seconds": round(t.seconds, 1)}
+    return measure_job(job_spec(paths, corpus, mode=mode, args=args, name=f"gpu-{mode}"))
 
 
 def parity(paths, corpus, args, n: int = 64) -> dict:

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 
 import pyarrow.parquet as pq
-from common import WORK, Timer, corpus_file, setup
+from common import WORK, Timer, corpus_file, measure_job, setup
 
 THREADS = 2  # the cores of this machine; every system gets the same
 SHARD_SIZE = 500
@@ -81,20 +80,7 @@ def job_spec(paths, corpus, *, mode: str, workers: int, threads: int, max_length
 
 
 def distill(paths, corpus, **kw) -> dict:
-    from pipeline.dataset import Sidecar, sidecar_file
-    from pipeline.run import run_job
-
-    spec = job_spec(paths, corpus, **kw)
-    name = spec.output.dataset
-    shutil.rmtree(WORK / "datasets" / name, ignore_errors=True)
-    with Timer() as t:
-        manifest = run_job(spec)
-    sidecars = [Sidecar.model_validate_json((WORK / "datasets" / name / sidecar_file(s.shard)).read_text())
-                for s in manifest.shards]
-    tokens = manifest.counts.target_tokens
-    busy = sum(s.seconds for s in sidecars) / kw["workers"]  # per-worker busy time, workers run in parallel
-    return {"job_tok_s": tokens / t.seconds, "worker_tok_s": tokens / busy, "tokens": tokens,
-            "bytes_per_token": manifest.counts.bytes / tokens, "seconds": t.seconds}
+    return measure_job(job_spec(paths, corpus, **kw))
 
 
 def in_process(paths, corpus, *, max_length: int) -> float:
