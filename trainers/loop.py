@@ -29,6 +29,7 @@ from trainers.checkpoint import (
     rng_state,
     save_checkpoint,
     save_model,
+    save_snapshot,
 )
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
@@ -89,6 +90,8 @@ class OptimConfig(BaseModel):
         "(higher is better) is measured by students at every validation, not by the teacher")
     checkpoint_every: int = Field(500, gt=0, description="steps between resumable checkpoints")
     log_every: int = Field(50, gt=0, description="steps between training-loss records in metrics.jsonl")
+    keep_last: int = Field(0, ge=0, description="keep the model of the last N validations under snapshots/ "
+                           "(for checkpoint averaging); 0 keeps none")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, fp32 elsewhere; bf16 forces it (CPU too)")
     seed: int = 0
@@ -103,7 +106,7 @@ class OptimConfig(BaseModel):
 
 # How long to train and how often to look (validation draws no random numbers); patience is a stopping rule.
 BUDGET_FIELDS = frozenset({"max_epochs", "max_steps", "max_minutes", "eval_every", "patience", "checkpoint_every",
-                           "log_every"})
+                           "log_every", "keep_last"})
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -257,6 +260,8 @@ def fit(
                 save_model(unwrap(model), tokenizer_dir, run_dir / "best")
         else:
             state.bad_evals += 1
+        if cfg.keep_last and dist.is_main:
+            save_snapshot(unwrap(model), run_dir, state.step, cfg.keep_last)
         best_value = state.best_bleu if cfg.select_by == "valid_bleu" else state.best_valid
         record |= {"best_step": state.best_step, "best_by": cfg.select_by, "best_value": best_value}
         state.history.append(record)
