@@ -361,6 +361,56 @@ def evaluate(
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
+@app.command("experiment")
+@friendly_errors
+def experiment(
+    grid_file: Annotated[Path, typer.Argument(help="grid YAML (see experiments/)")],
+    quick: Annotated[bool, typer.Option(help="run the grid's quick variant (a slice that takes minutes)")] = False,
+    cache: Annotated[Path | None, typer.Option(help="unit cache shared by grids (default "
+                                               "$DISTILLERY_EXPERIMENT_CACHE or work/experiments/cache)")] = None,
+    out: Annotated[Path | None, typer.Option(help="results directory (default work/experiments/NAME)")] = None,
+    plan: Annotated[bool, typer.Option(help="list the units and what is cached; run nothing")] = False,
+) -> None:
+    """Run a grid of students (size × method × noise × teacher decoding × seed); finished units are reused.
+
+    Writes results.csv, results.md (mean ± 95 % CI over seeds) and PNG plots to the results directory.
+    """
+    from pipeline.config import load_config
+    from pipeline.errors import RunError
+
+    from .experiment.grid import GridSpec, expand
+    from .experiment.progress import GridProgress
+    from .experiment.runner import default_cache, prepare_inputs, read_marker, run_grid, write_outputs
+
+    quiet_libraries()
+    grid = load_config(grid_file, GridSpec)
+    grid = grid.quick_variant() if quick else grid
+    cache = (cache or default_cache()).resolve()
+    out = out or Path("work/experiments") / grid.name
+    if plan:
+        inputs, _ = prepare_inputs(grid, cache)
+        for unit in expand(grid, inputs):
+            state = "cached" if read_marker(cache, unit) else "to run"
+            console.print(f"{unit.name:<26} {state:<7} {unit.coords}", highlight=False)
+        return
+    console.print(f"grid {grid.name}: cache {cache}, results → {out}")
+    progress = None
+
+    def on_update(run, running):
+        nonlocal progress
+        progress = progress or GridProgress(console, len(run.units) - len(run.reused))
+        progress(run, running)
+
+    run = run_grid(grid, cache=cache, on_update=on_update)
+    command = f"distillery experiment {grid_file}" + (" --quick" if quick else "")
+    files = write_outputs(grid, run, out, command=command)
+    console.print(f"{len(run.ran)} units run, {len(run.reused)} reused → " + ", ".join(str(f) for f in files))
+    if run.failed or run.blocked:
+        details = "; ".join(f"{name}: {error}" for name, error in run.failed.items())
+        raise RunError(f"{len(run.failed)} units failed ({details}); {len(run.blocked)} blocked by them. Fix and "
+                       "run the same command again: finished units are reused.")
+
+
 @app.command("demo")
 @friendly_errors
 def demo(

@@ -1,0 +1,325 @@
+"""Runs a grid's units on Ray, each once: a unit whose marker exists in the cache is reused, never re-run.
+
+Cache layout (shared by every grid that names the same cache)::
+
+    data/<key>/{train,valid,test}.parquet   slices of the prepared splits (train_rows, …)
+    datasets/d-<key>/                        distilled datasets (pipeline.run)
+    students/s-<key>/                        student runs (trainers.student: checkpoint/, best/, ct2/, …)
+    units/<kind>-<key>.json                  a finished unit's result, written last and atomically
+    logs/<kind>-<key>.log                    what a unit printed
+
+Every unit runs as a Ray task that reserves no CPU itself: the distillation actors and the Ray Train workers it
+starts reserve theirs, so Ray packs units onto the machine's cores and a unit waits while they are busy. An eval
+unit reserves every CPU (``eval.exclusive``) so that its timing is not disturbed by a neighbour. A killed grid
+resumes where it stopped: finished units have their markers, and an interrupted student resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .grid import GridSpec, Inputs, Unit, content_key, expand
+from .records import ResultRow
+
+UNIT_DIR, LOG_DIR = "units", "logs"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where a grid's inputs are (slices already cut) and where the shared cache is."""
+
+    cache: Path
+    teacher: Path
+    train: Path
+    valid: Path
+    test: Path
+
+
+@dataclass
+class GridRun:
+    """What one ``run_grid`` call did."""
+
+    units: list[Unit]
+    reused: list[str] = field(default_factory=list)  # unit names found finished in the cache
+    ran: list[str] = field(default_factory=list)  # unit names run (and finished) by this call
+    failed: dict[str, str] = field(default_factory=dict)  # unit name -> error
+    blocked: list[str] = field(default_factory=list)  # not run: a unit they need failed
+    rows: list[ResultRow] = field(default_factory=list)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def marker_path(cache: Path, unit: Unit) -> Path:
+    return cache / UNIT_DIR / f"{unit.name}.json"
+
+
+def read_marker(cache: Path, unit: Unit) -> dict | None:
+    path = marker_path(cache, unit)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _slice(src: Path, rows: int | None, out: Path) -> Path:
+    """``src`` itself, or its first ``rows`` rows written once to ``out``."""
+    if rows is None:
+        return src
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        pq.write_table(pq.read_table(src).slice(0, rows), tmp)
+        tmp.replace(out)
+    return out
+
+
+def prepare_inputs(grid: GridSpec, cache: Path) -> tuple[Inputs, Paths]:
+    """Checks the grid's inputs, cuts its slices into the cache, and computes their content identities.
+
+    Raises:
+        InputError: a missing teacher, data directory or split (named).
+    """
+    from pipeline.ct2 import check_model_dir, check_vocabulary, model_hash
+    from pipeline.errors import InputError
+    from pipeline.tokenizer import Tokenizer
+    from trainers.checkpoint import file_hash
+
+    check_model_dir(grid.teacher)
+    vocab_hash = check_vocabulary(Tokenizer.load(grid.teacher), grid.teacher)
+    splits = {}
+    for split in ("train", "valid", "test"):
+        path = grid.data / f"{split}.parquet"
+        if not path.is_file():
+            raise InputError(f"grid {grid.name!r}: {path} not found (data: a `distillery data prepare` directory)")
+        rows = getattr(grid, f"{split}_rows")
+        source_hash = file_hash(path)
+        key = content_key("slice", {"source": source_hash, "rows": rows})
+        splits[split] = (_slice(path, rows, cache / "data" / key / f"{split}.parquet"), f"{source_hash}:{rows}")
+    inputs = Inputs(teacher_hash=model_hash(grid.teacher), vocab_hash=vocab_hash,
+                    train_hash=splits["train"][1], valid_hash=splits["valid"][1], test_hash=splits["test"][1])
+    return inputs, Paths(cache=cache, teacher=grid.teacher, train=splits["train"][0], valid=splits["valid"][0],
+                         test=splits["test"][0])
+
+
+# ---- what each kind of unit does (inside a Ray task) -------------------------------------------------------
+
+
+def _distill(unit: Unit, grid: GridSpec, paths: Paths, needs: dict) -> dict:
+    from pipeline.run import run_job
+    from pipeline.spec import JobSpec
+
+    f, d = unit.fields, grid.distill
+    noise = f["noise"]
+    decoding = {"mode": f["decoding"], "max_length": f["max_length"]}
+    if f["decoding"] == "beam":
+        decoding |= {"beam_size": f["beam_size"]}
+    if f["decoding"] == "sample":
+        decoding |= {"temperature": f["temperature"]}
+    spec = JobSpec.model_validate({
+        "corpus": {"path": str(paths.train), "id_column": "id"},
+        "teacher": {"model": str(paths.teacher), "compute_type": "int8"},
+        "decoding": decoding,
+        "targets": {"top_k": f["top_k"]},
+        "noise": {} if noise["kind"] == "none" else {noise["kind"]: noise["rate"], "seed": f["noise_seed"]},
+        "output": {"store": str(paths.cache / "datasets"), "dataset": f"d-{unit.key}", "shard_size": d.shard_size},
+        "resources": {"workers": d.workers, "threads_per_worker": d.threads_per_worker},
+    })
+    manifest = run_job(spec)
+    return {"store": str(paths.cache / "datasets"), "dataset": manifest.dataset,
+            "dataset_hash": manifest.dataset_hash, "counts": manifest.counts.model_dump(mode="json")}
+
+
+def _student(unit: Unit, grid: GridSpec, paths: Paths, needs: dict) -> dict:
+    from trainers.loop import OptimConfig
+    from trainers.losses import LossConfig
+    from trainers.models import ModelSize
+    from trainers.student import DatasetRef, StudentConfig, train_student
+
+    f, s = unit.fields, grid.student
+    dataset = needs[unit.needs[0]]
+    cfg = StudentConfig(
+        dataset=DatasetRef(store=dataset["store"], name=dataset["dataset"]),
+        valid=paths.valid, test=None, tokenizer=paths.teacher, out=paths.cache / "students" / f"s-{unit.key}",
+        size=ModelSize(**f["size"]), loss=LossConfig(**f["loss"]), workers=s.workers,
+        threads_per_worker=s.threads_per_worker, bleu_sentences=s.bleu_sentences,
+        # Selected by greedy valid BLEU: NLL on references is the wrong yardstick for students that learn the
+        # teacher's translations. Patience is off: every student gets the same step budget.
+        optim=OptimConfig(lr=s.lr, warmup_steps=s.warmup_steps, max_tokens=s.max_tokens, eval_every=s.eval_every,
+                          checkpoint_every=s.eval_every, max_steps=s.steps, max_epochs=10_000, patience=10_000,
+                          select_by="valid_bleu", seed=f["seed"]),
+    )
+    results = train_student(cfg)
+    return {"run": str(cfg.out), "model": str(cfg.out / "ct2")} | {
+        k: results[k] for k in ("parameters", "steps", "train_minutes", "selected_step", "selected_valid_bleu",
+                                "stopped", "gate")}
+
+
+def _eval(unit: Unit, grid: GridSpec, paths: Paths, needs: dict) -> dict:
+    from pipeline.evaluate import score, translate
+    from pipeline.tokenizer import Tokenizer
+
+    model = paths.teacher if unit.fields["model"] == "teacher" else Path(needs[unit.needs[0]]["model"])
+    test = pq.read_table(paths.test, columns=["source", "target"])
+    speed: dict = {}
+    hyps = translate(model, Tokenizer.load(model), test["source"].to_pylist(), beam_size=grid.eval.beam_size,
+                     threads=grid.eval.threads, speed=speed)
+    scores = score(hyps, test["target"].to_pylist())
+    out = paths.cache / "evals" / f"{unit.name}.hyp.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    return scores.as_dict() | {"speed": speed, "hypotheses": str(out)}
+
+
+RUNNERS = {"distill": _distill, "student": _student, "eval": _eval}
+
+
+def _run_unit(unit: Unit, grid_json: str, paths: Paths, *needs: dict) -> dict:
+    """Runs one unit with its output captured in its log; writes its marker last. Never raises: an error
+    comes back as ``{"error": …}`` so the driver can report it and carry on with the independent units."""
+    grid = GridSpec.model_validate_json(grid_json)
+    log = paths.cache / LOG_DIR / f"{unit.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    by_key = {key: result for key, result in zip(unit.needs, needs, strict=True)}
+    if any("error" in result for result in needs):
+        return {"error": "blocked"}  # a unit it needs failed; that failure is reported once, by that unit
+    started = time.monotonic()
+    with open(log, "a", encoding="utf-8") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        try:
+            result = RUNNERS[unit.kind](unit, grid, paths, by_key)
+        except BaseException as exc:  # noqa: BLE001 — reported to the driver with the log's path
+            traceback.print_exc(file=sink)
+            from pipeline.errors import message
+
+            return {"error": f"{message(exc)} (log: {log})"}
+    result |= {"unit": unit.name, "fields": unit.fields, "seconds": round(time.monotonic() - started, 1)}
+    _write_json_atomic(marker_path(paths.cache, unit), result)
+    return result
+
+
+def teacher_parameters(grid: GridSpec) -> int:
+    """The teacher's parameter count: the grid's ``teacher_parameters``, else the teacher's model_info.json."""
+    if grid.teacher_parameters:
+        return grid.teacher_parameters
+    info = grid.teacher / "model_info.json"
+    return int(json.loads(info.read_text())["parameters"]) if info.is_file() else 0
+
+
+def result_rows(grid: GridSpec, units: list[Unit], results: dict[str, dict]) -> list[ResultRow]:
+    """One row per finished eval unit (the teacher's first), with its grid coordinates."""
+    teacher = next((results.get(u.key) for u in units if u.kind == "eval" and u.fields["model"] == "teacher"), None)
+    by_key = {u.key: u for u in units}
+    rows = []
+    for unit in units:
+        if unit.kind != "eval" or unit.key not in results:
+            continue
+        r, c = results[unit.key], unit.coords
+        common = {"grid": grid.name, "bleu": r["bleu"], "chrf": r["chrf"], "test_sentences": r["sentences"],
+                  "sentences_per_s": r["speed"]["sentences_per_s"], "tokens_per_s": r["speed"]["tokens_per_s"],
+                  "threads": r["speed"]["threads"], "teacher_bleu": teacher["bleu"] if teacher else None}
+        if c["kind"] == "teacher":
+            rows.append(ResultRow(kind="teacher", unit=unit.key, method="teacher", size="teacher",
+                                  parameters=teacher_parameters(grid), decoding="beam", **common))
+            continue
+        student = results.get(unit.needs[0], {})
+        rows.append(ResultRow(kind="student", unit=by_key[unit.needs[0]].key, method=c["method"], size=c["size"],
+                              parameters=student.get("parameters", 0), noise_kind=c["noise_kind"],
+                              noise_rate=c["noise_rate"], decoding=c["decoding"], seed=c["seed"],
+                              steps=student.get("steps", 0), train_minutes=student.get("train_minutes", 0.0),
+                              **common))
+    rows.sort(key=lambda r: (r.kind != "teacher", r.method, r.parameters, r.noise_kind, r.noise_rate, r.decoding,
+                             r.seed))
+    return rows
+
+
+def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_update=None) -> GridRun:
+    """Runs every unit of ``grid`` that has no marker in ``cache``, in dependency order, on Ray.
+
+    Args:
+        cache: the unit cache (shared between grids).
+        address: Ray cluster (default ``RAY_ADDRESS`` or an embedded local Ray).
+        on_update: called as ``on_update(run, running)`` whenever a unit starts or ends (progress display).
+
+    Returns:
+        What was reused, run, failed or blocked, and the result rows of every finished eval unit.
+    """
+    import ray
+
+    from pipeline.run import init_ray
+
+    cache = cache.resolve()
+    inputs, paths = prepare_inputs(grid, cache)
+    paths = Paths(**{k: Path(v).resolve() for k, v in paths.__dict__.items()})
+    units = expand(grid, inputs)
+    run = GridRun(units=units)
+    results: dict[str, dict] = {}
+    for unit in units:
+        if (marker := read_marker(cache, unit)) is not None:
+            results[unit.key] = marker
+            run.reused.append(unit.name)
+    todo = [u for u in units if u.key not in results]
+    if not todo:
+        run.rows = result_rows(grid, units, results)
+        return run
+
+    init_ray(address)
+    remote = ray.remote(_run_unit)
+    grid_json = grid.model_dump_json()
+    all_cpus = int(ray.cluster_resources().get("CPU", 1))
+    refs: dict[str, ray.ObjectRef] = {}
+    pending: dict[ray.ObjectRef, Unit] = {}
+    for unit in todo:  # expand() lists dependencies first
+        deps = [refs[k] if k in refs else results[k] for k in unit.needs]
+        cpus = all_cpus if unit.kind == "eval" and grid.eval.exclusive else 0
+        ref = remote.options(num_cpus=cpus, max_retries=0, name=unit.name).remote(unit, grid_json, paths, *deps)
+        refs[unit.key] = ref
+        pending[ref] = unit
+    if on_update:
+        on_update(run, [])
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+        if not done:
+            continue
+        for ref in done:
+            unit = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:  # a dependency failed: this unit never ran
+                result = {"error": "blocked", "cause": str(exc)[:200]}
+            if "error" not in result:
+                results[unit.key] = result
+                run.ran.append(unit.name)
+            elif result["error"] == "blocked" or any(k in run.failed or k in run.blocked for k in unit.needs):
+                run.blocked.append(unit.name)
+            else:
+                run.failed[unit.name] = result["error"]
+        if on_update:
+            on_update(run, [u.name for u in pending.values()])
+    run.rows = result_rows(grid, units, results)
+    return run
+
+
+def write_outputs(grid: GridSpec, run: GridRun, out: Path, *, command: str) -> list[Path]:
+    """results.csv, results.md and the plots of a grid run, in ``out`` (the report module renders them)."""
+    from . import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_csv(run.rows, out / "results.csv")
+    report.write_markdown(run.rows, out / "results.md", title=f"Grid {grid.name}", command=command)
+    (out / "units.json").write_text(json.dumps({
+        "reused": run.reused, "ran": run.ran, "failed": run.failed, "blocked": run.blocked,
+        "units": [{"name": u.name, "kind": u.kind, "coords": u.coords} for u in run.units]}, indent=2))
+    return sorted(p for p in out.iterdir() if p.is_file())
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("DISTILLERY_EXPERIMENT_CACHE", "work/experiments/cache"))
