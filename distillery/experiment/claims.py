@@ -241,7 +241,8 @@ def _capacity(students: Sequence[Aggregate]) -> tuple[Verdict, str]:
 
 def _headline(students: Sequence[Aggregate], teacher: Aggregate | None) -> tuple[Verdict, str]:
     """(e) the smallest student whose mean BLEU ≥ 95 % of the teacher's (the higher BLEU on a tie of size).
-    Supported when it has ≤ ¼ of the teacher's parameters; contradicted when it has more, or none qualifies."""
+    Contradicted when none qualifies or it has more than ¼ of the teacher's parameters; otherwise supported when
+    its BLEU's CI lies wholly above 95 % of the teacher's, inconclusive when the CI reaches below (or one seed)."""
     if teacher is None or not students:
         return Verdict.NOT_MEASURED, "needs the grid's teacher row and students."
     t_bleu = teacher.stat("bleu").mean
@@ -259,5 +260,10 @@ def _headline(students: Sequence[Aggregate], teacher: Aggregate | None) -> tuple
         best = max(students, key=lambda a: (a.stat("bleu").mean, -a.parameters))
         return Verdict.CONTRADICTED, f"none reaches 95 % of the teacher's BLEU; the best is {describe(best)}."
     pick = min(keeping, key=lambda a: (a.parameters, -a.stat("bleu").mean))
-    verdict = Verdict.SUPPORTED if pick.parameters <= PARAMETER_GOAL * teacher.parameters else Verdict.CONTRADICTED
-    return verdict, f"the smallest student keeping ≥ 95 % is {describe(pick)}."
+    if pick.parameters > PARAMETER_GOAL * teacher.parameters:
+        return Verdict.CONTRADICTED, f"the smallest student keeping ≥ 95 % is {describe(pick)}."
+    low = pick.stat("bleu").low
+    if low is None or low < HEADLINE_SHARE * t_bleu:
+        return Verdict.INCONCLUSIVE, (f"the smallest student keeping ≥ 95 % on average is {describe(pick)}; its "
+                                      f"CI reaches below 95 % ({HEADLINE_SHARE * t_bleu:.2f}).")
+    return Verdict.SUPPORTED, f"the smallest student keeping ≥ 95 % is {describe(pick)}."
