@@ -227,7 +227,8 @@ def _capacity(students: Sequence[Aggregate]) -> tuple[Verdict, str]:
         if gains[0][2].sign() < 0:
             verdict, where = Verdict.CONTRADICTED, "the first step loses"
         elif stop == 0:
-            verdict, where = Verdict.INCONCLUSIVE, "the first step's gain is within its CI"
+            verdict = Verdict.INCONCLUSIVE
+            where = "one seed: no CI" if gains[0][2].half is None else "the first step's gain is within its CI"
         elif stop is None:
             verdict, where = Verdict.INCONCLUSIVE, "capacity still pays at the largest step measured"
         else:

@@ -94,7 +94,10 @@ def write_results_doc(grid_dirs: Sequence[Path], out: Path, *, command: str) -> 
     out = Path(out)
     aggs: list[Aggregate] = []
     for directory in grid_dirs:
-        aggs += _aggregate(read_csv(Path(directory) / RESULTS_CSV))
+        found = _aggregate(read_csv(Path(directory) / RESULTS_CSV))
+        if twice := set(_grids(found)) & set(_grids(aggs)):
+            raise InputError(f"{directory}: grid {sorted(twice)[0]!r} is also in an earlier directory")
+        aggs += found
     grids = _grids(aggs)
     claims = {g: evaluate_claims([a for a in aggs if a.grid == g]) for g in grids}
     readings = _readings(out)
@@ -151,7 +154,10 @@ def _grid_section(aggs: list[Aggregate], plot_dir: Path, link: str, *, claims_de
         lines += ["Every method of this grid was trained on one decoding of the teacher: no decoding comparison.", ""]
     lines += ["### Plots", ""]
     for draw, name in ((bleu_vs_parameters, "bleu-vs-parameters"), (bleu_vs_noise, "bleu-vs-noise")):
-        plot = draw(aggs, teacher, plot_dir / f"{grid}-{name}.png")
+        target = plot_dir / f"{grid}-{name}.png"
+        plot = draw(aggs, teacher, target)
+        if plot.path is None:
+            target.unlink(missing_ok=True)  # a plot of an earlier, larger version of the grid would be stale
         lines += [f"![{plot.title}]({link}{plot.path.name})" if plot.path else f"_{plot.note}_", ""]
     measured = [c for c in evaluate_claims(aggs) if c.verdict is not Verdict.NOT_MEASURED]
     lines += ["### Claims measured by this grid", ""]

@@ -195,9 +195,11 @@ def test_plots_are_real_pngs(tmp_path):
 
 
 def test_single_valued_axes_are_not_plotted_but_said(tmp_path):
+    write_markdown(capacity_grid(), tmp_path / "results.md", title="t", command="c")
+    assert len(list(tmp_path.glob("*.png"))) == 2
     rows = [teacher(), *seeds("token", "tiny", [10, 11, 12]), *seeds("sentence", "tiny", [9, 10, 11])]
     md = write_markdown(rows, tmp_path / "results.md", title="t", command="c").read_text()
-    assert not list(tmp_path.glob("*.png"))
+    assert not list(tmp_path.glob("*.png"))  # not drawn, and the earlier run's plots are not left to mislead
     assert "BLEU vs student parameters: not drawn, every student of this grid has the same size." in md
     assert "BLEU vs noise rate: not drawn, every student of this grid has the same noise rate." in md
     assert "no decoding comparison" in md
@@ -315,6 +317,8 @@ def test_results_doc_assembles_grids_and_keeps_readings(tmp_path):
     out.write_text(doc.replace("**Reading:** … _(placeholder", "**Reading:** beam wins here. _(was placeholder", 1))
     write_results_doc([tmp_path / "capacity", tmp_path / "decoding"], out, command=command)
     assert "**Reading:** beam wins here." in out.read_text()
+    with pytest.raises(InputError, match="also in an earlier directory"):
+        write_results_doc([tmp_path / "capacity", tmp_path / "capacity"], tmp_path / "other.md", command=command)
     with pytest.raises(FileNotFoundError):
         write_results_doc([tmp_path / "missing"], tmp_path / "other.md", command=command)
     assert not (tmp_path / "other.md").exists()
