@@ -99,19 +99,19 @@ def write_results_doc(grid_dirs: Sequence[Path], out: Path, *, command: str) -> 
             raise InputError(f"{directory}: grid {sorted(twice)[0]!r} is also in an earlier directory")
         aggs += found
     grids = _grids(aggs)
-    claims = {g: evaluate_claims([a for a in aggs if a.grid == g]) for g in grids}
+    claims = {g: {c.key: c for c in evaluate_claims([a for a in aggs if a.grid == g])} for g in grids}
     readings = _readings(out)
     lines = [_regenerate(command), "", "# Results", "", _METHOD, "", "## Headline", ""]
-    lines += [f"- **{g}** — {c[-1].verdict}: {c[-1].sentence}" for g, c in claims.items()]
+    lines += [f"- **{g}** — {c['e'].verdict}: {c['e'].sentence}" for g, c in claims.items()]
     lines += ["", "## Teachers", "", teacher_table(aggs), ""]
     for grid in grids:
         lines += _grid_section([a for a in aggs if a.grid == grid], out.parent / "results", "results/",
                                claims_detail=False)
     lines += ["## The research's claims", "", _VERDICTS, ""]
-    for i, (key, title) in enumerate(TITLES.items()):
+    for key, title in TITLES.items():
         lines += [f"### ({key}) {title}", ""]
-        lines += [f"- **{g}** — {c[i].verdict}: {c[i].sentence}" for g, c in claims.items()
-                  if c[i].verdict is not Verdict.NOT_MEASURED] or ["- not measured by any of these grids."]
+        lines += [f"- **{g}** — {c[key].verdict}: {c[key].sentence}" for g, c in claims.items()
+                  if c[key].verdict is not Verdict.NOT_MEASURED] or ["- not measured by any of these grids."]
         lines += ["", f"<!-- reading {key}: written by a human, kept when this file is regenerated -->",
                   readings.get(key, _READING_PLACEHOLDER), f"<!-- /reading {key} -->", ""]
     _write_text(out, "\n".join(lines))
