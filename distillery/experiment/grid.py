@@ -100,7 +100,8 @@ class GridSpec(BaseModel):
     teacher: Path = Field(description="CTranslate2 teacher directory, its tokenizer beside it")
     teacher_parameters: int | None = Field(None, ge=1, description="the teacher's parameter count (default: "
                                            "model_info.json in the teacher directory)")
-    data: Path = Field(description="a `data prepare` directory: train/valid/test.parquet")
+    data: Path = Field(description="a `data prepare` directory (train/valid/test.parquet), or `bundled`: the "
+                       "bundled de→en Bible corpus, prepared into the cache with its chapter split")
     train_rows: int | None = Field(None, gt=0, description="distil and train on the first N training pairs")
     valid_rows: int | None = Field(None, gt=0)
     test_rows: int | None = Field(None, gt=0)

@@ -96,9 +96,10 @@ def prepare_inputs(grid: GridSpec, cache: Path) -> tuple[Inputs, Paths]:
 
     check_model_dir(grid.teacher)
     vocab_hash = check_vocabulary(Tokenizer.load(grid.teacher), grid.teacher)
+    data = bundled_data(cache) if str(grid.data) == "bundled" else grid.data
     splits = {}
     for split in ("train", "valid", "test"):
-        path = grid.data / f"{split}.parquet"
+        path = data / f"{split}.parquet"
         if not path.is_file():
             raise InputError(f"grid {grid.name!r}: {path} not found (data: a `distillery data prepare` directory)")
         rows = getattr(grid, f"{split}_rows")
@@ -109,6 +110,18 @@ def prepare_inputs(grid: GridSpec, cache: Path) -> tuple[Inputs, Paths]:
                     train_hash=splits["train"][1], valid_hash=splits["valid"][1], test_hash=splits["test"][1])
     return inputs, Paths(cache=cache, teacher=grid.teacher, train=splits["train"][0], valid=splits["valid"][0],
                          test=splits["test"][0])
+
+
+def bundled_data(cache: Path) -> Path:
+    """The bundled corpus prepared (validated, split by chapter) once into the cache; ``data: bundled``."""
+    from pipeline.bundled import BUNDLED_CORPUS, BUNDLED_SPLIT, bundled_corpus_spec
+    from pipeline.prepare import load_prepared, prepare
+    from trainers.checkpoint import file_hash
+
+    out = cache / "data" / ("bundled-" + file_hash(BUNDLED_CORPUS).removeprefix("sha256:")[:16])
+    if load_prepared(out) is None:
+        prepare(bundled_corpus_spec(), BUNDLED_SPLIT, out)
+    return out
 
 
 # ---- what each kind of unit does (inside a Ray task) -------------------------------------------------------

@@ -1,0 +1,145 @@
+"""``distillery experiment``: grid expansion, content keys, and real runs on a tiny slice (reuse, kill, resume)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distillery.experiment.grid import GridSpec, Inputs, expand
+
+ROOT = Path(__file__).resolve().parents[2]
+INPUTS = Inputs(teacher_hash="sha256:t", vocab_hash="sha256:v", train_hash="tr", valid_hash="va", test_hash="te")
+
+
+def make_grid(**overrides) -> GridSpec:
+    base = {"name": "g", "teacher": "teacher", "data": "data", "sizes": ["tiny", "mini"],
+            "methods": ["nll", "token", "sentence"],
+            "noise": [{"kind": "none"}, {"kind": "deletion", "rate": 0.1}],
+            "decoding": ["auto", "greedy"], "seeds": [1, 2, 3]}
+    return GridSpec.model_validate(base | overrides)
+
+
+def test_grid_expands_into_one_unit_per_distinct_piece_of_work():
+    units = expand(make_grid(), INPUTS)
+    by_kind = {k: [u for u in units if u.kind == k] for k in ("distill", "student", "eval")}
+    # Datasets, by hand: nll always trains on the references (teacher forcing); token on teacher forcing (auto)
+    # and greedy; sentence on beam (auto) and greedy → {teacher_forcing, greedy, beam} per noise setting.
+    decodings = {(u.coords["noise"], u.fields["decoding"]) for u in by_kind["distill"]}
+    assert decodings == set(itertools.product(["clean", "deletion-0.1"], ["teacher_forcing", "greedy", "beam"]))
+    assert len(by_kind["distill"]) == 6
+    # Students per noise: nll 1 dataset, token 2, sentence 2 → 5 (method, dataset) pairs × 2 sizes × 3 seeds.
+    assert len(by_kind["student"]) == 2 * 5 * 2 * 3
+    assert len(by_kind["eval"]) == len(by_kind["student"]) + 1  # one per student, and the teacher's
+    nll = [u for u in by_kind["student"] if u.coords["method"] == "nll"]
+    assert {u.coords["decoding"] for u in nll} == {"references"}
+    # Dependencies come first, so a runner can start units in list order.
+    seen = set()
+    for unit in units:
+        assert set(unit.needs) <= seen, unit.name
+        seen.add(unit.key)
+
+
+def test_keys_depend_on_content_only():
+    units = {u.key: u for u in expand(make_grid(), INPUTS)}
+    # The same grid under another name, listed in another order: the same units.
+    again = {u.key for u in expand(make_grid(name="other", seeds=[3, 1, 2], sizes=["mini", "tiny"]), INPUTS)}
+    assert again == set(units)
+    # A longer step budget changes every student (and its eval), not a single dataset.
+    longer = expand(make_grid(student={"steps": 5000}), INPUTS)
+    assert {u.key for u in longer if u.kind == "distill"} == {k for k, u in units.items() if u.kind == "distill"}
+    assert not {u.key for u in longer if u.kind == "student"} & set(units)
+    # Another teacher changes everything except nothing: every unit reads it, directly or through its data.
+    other_teacher = expand(make_grid(), Inputs(**{**INPUTS.__dict__, "teacher_hash": "sha256:x"}))
+    assert not {u.key for u in other_teacher} & set(units)
+    # One more seed adds exactly that seed's students and evals.
+    extended = {u.key for u in expand(make_grid(seeds=[1, 2, 3, 4]), INPUTS)}
+    assert set(units) <= extended and len(extended - set(units)) == 2 * (2 * 5 * 2)
+
+
+def test_quick_variant_merges_its_overrides():
+    grid = make_grid(quick={"train_rows": 50, "sizes": ["tiny"], "student": {"steps": 4}})
+    quick = grid.quick_variant()
+    assert (quick.name, quick.train_rows, quick.sizes, quick.student.steps) == ("g-quick", 50, ["tiny"], 4)
+    assert quick.student.lr == grid.student.lr  # nested settings merge, they are not replaced
+    with pytest.raises(ValueError, match="unknown grid field 'size'"):
+        make_grid(quick={"size": ["tiny"]}).quick_variant()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"sizes": ["huge"]}, "unknown model size 'huge'"),
+    ({"methods": ["nope"]}, "unknown loss 'nope'"),
+    ({"noise": [{"kind": "deletion", "rate": 0}]}, "rate > 0"),
+    ({"decoding": ["nucleus"]}, "decoding"),
+])
+def test_invalid_grids_are_refused_by_field(bad, message):
+    with pytest.raises(ValueError, match=message):
+        make_grid(**bad)
+
+
+# ---- real runs --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def tiny_grid(tiny_data, tiny_teacher, tmp_path) -> Path:
+    grid = {"name": "tiny", "teacher": str(tiny_teacher["ct2_int8"]), "data": str(tiny_data),
+            "train_rows": 120, "valid_rows": 20, "test_rows": 20, "sizes": ["tiny"], "methods": ["nll", "token"],
+            "seeds": [1, 2], "student": {"steps": 4, "eval_every": 2, "bleu_sentences": 5, "max_tokens": 600},
+            "distill": {"workers": 1, "max_length": 40, "shard_size": 60}, "eval": {"threads": 1}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def _markers(cache: Path) -> dict[str, float]:
+    return {p.stem: p.stat().st_mtime for p in (cache / "units").glob("*.json")}
+
+
+@pytest.mark.slow
+def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_local, tmp_path):
+    from distillery.experiment.runner import run_grid
+
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "distillery.cli", "experiment", str(tiny_grid), "--cache",
+                             str(cache), "--out", str(tmp_path / "out")], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not any(name.startswith("student-") for name in _markers(cache)):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its embedded Ray die with students unfinished
+    proc.wait()
+    finished = _markers(cache)
+    grid = GridSpec.model_validate(yaml.safe_load(tiny_grid.read_text()))
+
+    resumed = run_grid(grid, cache=cache)
+    every = {u.name for u in resumed.units}
+    assert len(every) == 1 + 4 + 5  # one dataset, 2 methods × 2 seeds, an eval of each and of the teacher
+    assert set(resumed.reused) == set(finished), "a finished unit must be reused, not redone"
+    assert set(resumed.ran) == every - set(finished), "exactly the unfinished units run"
+    assert not resumed.failed and not resumed.blocked
+    assert all(_markers(cache)[name] == mtime for name, mtime in finished.items())
+
+    rows = resumed.rows
+    assert [r.kind for r in rows].count("teacher") == 1 and len(rows) == 5
+    students = [r for r in rows if r.kind == "student"]
+    assert {(r.method, r.seed, r.decoding) for r in students} == {
+        ("nll", 1, "references"), ("nll", 2, "references"), ("token", 1, "teacher_forcing"),
+        ("token", 2, "teacher_forcing")}
+    for row in students:  # each row is its own student's, read back from that run's files
+        run = json.loads((cache / "units" / f"student-{row.unit}.json").read_text())["run"]
+        results = json.loads((Path(run) / "results.json").read_text())
+        assert (row.parameters, row.steps) == (results["parameters"], results["steps"]) and row.steps == 4
+        assert row.test_sentences == 20 and row.sentences_per_s > 0 and row.tokens_per_s > 0
+        assert row.teacher_bleu == rows[0].bleu
+
+    again = run_grid(grid, cache=cache)
+    assert again.ran == [] and set(again.reused) == every
+    assert again.rows == rows
