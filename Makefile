@@ -5,7 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 WORK   ?= work/demo
 
-.PHONY: setup demo test test-fast lint clean
+TEACHER_WORK := work/teacher  # the paths recipes/teacher-bible-de-en.yaml names
+
+.PHONY: setup demo demo-full teacher test test-fast lint clean
 
 # Re-installs only when pyproject.toml changed since the last install (the stamp file records that).
 $(STAMP): pyproject.toml
@@ -18,6 +20,22 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/distillery demo --workdir $(WORK)
+
+demo-full: setup
+	$(BIN)/distillery demo --full --workdir $(WORK)
+
+# Rebuilds teachers/bible-de-en (hours on 2 CPU cores): each input is made once, training resumes where it stopped.
+$(TEACHER_WORK)/data/prepare.json:
+	$(BIN)/distillery data prepare --out $(TEACHER_WORK)/data
+$(TEACHER_WORK)/train.parquet: $(TEACHER_WORK)/data/prepare.json
+	$(BIN)/distillery data teacher-corpus --prepared $(TEACHER_WORK)/data --out $@
+$(TEACHER_WORK)/tokenizer/tokenizer.json: $(TEACHER_WORK)/data/prepare.json
+	$(BIN)/distillery tokenizer train --data $(TEACHER_WORK)/data --out $(TEACHER_WORK)/tokenizer
+
+teacher: setup $(TEACHER_WORK)/train.parquet $(TEACHER_WORK)/tokenizer/tokenizer.json
+	$(BIN)/distillery teacher train recipes/teacher-bible-de-en.yaml
+	$(BIN)/distillery teacher package $(TEACHER_WORK)/run --out teachers/bible-de-en --average 5 \
+		--test $(TEACHER_WORK)/data/test.parquet --recipe recipes/teacher-bible-de-en.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -226,6 +226,25 @@ def teacher_train(
                   f"{state.best_valid:.3f} (step {state.best_step}) → {cfg.out / 'best'}")
 
 
+@teacher_app.command("package")
+@friendly_errors
+def teacher_package(
+    run: Annotated[Path, typer.Argument(help="a `teacher train` run directory")],
+    out: Annotated[Path, typer.Option(help="the CT2 directory to write (replaced)")],
+    test: Annotated[Path, typer.Option(help="Parquet with source/target to score it on")],
+    average: Annotated[int, typer.Option(help="average the last N snapshots (0: the best model)")] = 0,
+    recipe: Annotated[Path | None, typer.Option(help="the config file it was trained with, quoted in README")] = None,
+) -> None:
+    """Export a teacher run to CTranslate2 int8 with its tokenizer, test scores, speed and a README."""
+    from trainers.teacher import package_teacher
+
+    quiet_libraries()
+    command = "distillery teacher package " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else ""
+    info = package_teacher(run, out, test=test, average=average, recipe=recipe, command=command)
+    console.print(f"teacher: BLEU {info['bleu']:.2f}, chrF {info['chrf']:.2f}, {info['speed']['sentences_per_s']} "
+                  f"sentences/s → {out}")
+
+
 @app.command("distill")
 @friendly_errors
 def distill(

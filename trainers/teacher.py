@@ -7,6 +7,8 @@ for the demo and the tests, and for users who want a domain teacher of their own
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.tokenizer import Tokenizer
+from pipeline.tokenizer import Tokenizer, copy_tokenizer_files
 from trainers.batching import seq2seq_batch, token_batches
 from trainers.checkpoint import Progress, check_resumable, clear_run, file_hash, fingerprint
 from trainers.loop import OptimConfig, fit
@@ -132,3 +134,97 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no GPU")
     return device
+
+
+def package_teacher(run: Path, out: Path, *, test: Path, average: int = 0, recipe: Path | None = None,
+                    command: str = "", threads: int = 2) -> dict:
+    """Turns a teacher run into a shippable CTranslate2 int8 directory with its tokenizer, scores and README.
+
+    The model is the average of the run's last ``average`` snapshots (``optim.keep_last``), or with
+    ``average=0`` its ``best/`` model (its latest ``checkpoint/`` while no validation has picked one). It is
+    scored on ``test`` (sacrebleu BLEU/chrF, beam 4) and timed (sentences/s with ``threads``); ``model_info.json``
+    and ``README.md`` record the numbers, the training config, the command and the commit that produced it.
+
+    Returns:
+        What ``model_info.json`` holds.
+    """
+    import datetime
+    import platform
+    import subprocess
+
+    from pipeline.evaluate import score, translate
+    from trainers.checkpoint import average_snapshots
+    from trainers.export import export_ct2
+
+    run, out = Path(run), Path(out)
+    cfg = TeacherConfig.model_validate_json((run / "config.json").read_text())
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [e for e in events if e["event"] == "train"][-1]
+    if average:
+        steps = average_snapshots(run, average, run / "averaged", tokenizer_dir=cfg.tokenizer)
+        source, what = run / "averaged", f"the average of the snapshots at steps {', '.join(map(str, steps))}"
+    elif (run / "best").is_dir():
+        source, what = run / "best", "the best model by validation loss"
+    else:
+        source, what = run / "checkpoint", f"the latest checkpoint (step {trained['step']}; no validation yet)"
+        copy_tokenizer_files(cfg.tokenizer, source)
+    tmp = out.with_name(out.name + ".tmp")
+    export_ct2(source, tmp, quantization="int8")
+    table = pq.read_table(test, columns=["source", "target"])
+    speed: dict = {}
+    tokenizer = Tokenizer.load(tmp)
+    hyps = translate(tmp, tokenizer, table["source"].to_pylist(), beam_size=4, threads=threads, speed=speed)
+    scores = score(hyps, table["target"].to_pylist())
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    info = {
+        "parameters": json.loads((run / "model_info.json").read_text())["parameters"],
+        "steps": trained["step"], "train_hours": round(trained["elapsed_s"] / 3600, 2), "model": what,
+        "bleu": scores.bleu, "chrf": scores.chrf, "bleu_signature": scores.bleu_signature,
+        "test": str(test), "test_sentences": scores.sentences, "speed": speed,
+        "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {cfg.threads or 'all'}",
+        "commit": commit, "packaged_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    (tmp / "model_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    config = recipe.read_text() if recipe else cfg.model_dump_json(indent=2)
+    (tmp / "README.md").write_text(TEACHER_README.format(
+        **info, command=command or "see the recipe", config=config.strip(), size=cfg.size,
+        train_pairs=json.loads((run / "model_info.json").read_text()).get("train_pairs", "?"),
+        mb=sum(p.stat().st_size for p in tmp.iterdir()) / 1e6, sps=speed["sentences_per_s"],
+        threads=speed["threads"]))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return info
+
+
+TEACHER_README = """# The shipped de→en teacher
+
+A Marian transformer (`{size}`, {parameters:,} parameters) trained by this project on the bundled Bible corpus,
+converted to CTranslate2 int8 ({mb:.1f} MB with its tokenizer). Written by `distillery teacher package`;
+`make teacher` rebuilds it from scratch (it resumes, so it may span several sessions).
+
+| | |
+|---|---|
+| test BLEU / chrF | **{bleu:.2f}** / {chrf:.2f} ({test_sentences:,} held-out verses, beam 4, CT2 int8) |
+| BLEU signature | `{bleu_signature}` |
+| decoding speed | {sps:.1f} sentences/s, CT2 int8 beam 4, {threads} threads |
+| model | {model} |
+| training | {steps:,} steps, {train_hours} h on {hardware} |
+| training data | {train_pairs:,} pairs: the bundled train split and the Schlachter edition of the same verses |
+| commit | `{commit}` |
+| packaged | {packaged_at} |
+
+The test chapters are unseen in every edition (`pipeline.bundled.build_teacher_corpus`).
+
+## Command
+
+```
+{command}
+```
+
+## Training config (`recipes/teacher-bible-de-en.yaml`)
+
+```yaml
+{config}
+```
+"""
