@@ -360,7 +360,9 @@ def evaluate(
         console.print(f"[yellow]warning:[/] {corpus.summary()} — rejected test lines are not scored")
     tok = Tokenizer.load(tokenizer or model)
     sources = corpus.table.column("source").to_pylist()
-    hyps = translate(model, tok, sources, beam_size=beam_size, compute_type=compute_type, threads=threads)
+    speed: dict = {}
+    hyps = translate(model, tok, sources, beam_size=beam_size, compute_type=compute_type, threads=threads,
+                     speed=speed)
     refs = corpus.table.column("target").to_pylist()
     scores, baseline = score(hyps, refs), score(sources, refs)  # baseline: copy the source, untranslated
     out = hypotheses or model / f"hyps.{test.stem}.txt"
@@ -371,10 +373,12 @@ def evaluate(
     except OSError as exc:  # a read-only model directory: the scores are still printed
         record = f"scores not recorded next to the model ({exc})"
     if json_out:
-        print(json.dumps(scores.as_dict() | {"copy_baseline": baseline.as_dict()}))
+        print(json.dumps(scores.as_dict() | {"copy_baseline": baseline.as_dict(), "speed": speed}))
     else:
         console.print(f"BLEU {scores.bleu:.2f}  (copy the source: {baseline.bleu:.2f})  ({scores.bleu_signature})")
         console.print(f"chrF {scores.chrf:.2f}  (copy the source: {baseline.chrf:.2f})  ({scores.chrf_signature})")
+        console.print(f"speed {speed['sentences_per_s']:,.1f} sentences/s, {speed['tokens_per_s']:,.0f} tokens/s "
+                      f"({compute_type}, beam {beam_size}, {threads} threads, model loading excluded)")
         console.print(f"{scores.sentences:,} hypotheses → {out}; {record}")
     if warning := teacher_warning(model):
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)

@@ -2,6 +2,7 @@
 ending with `error: …` and never a traceback; eval's copy baseline and the weak-teacher warning."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def test_eval_prints_and_records_the_copy_baseline(teacher_copy, tiny_data):
     record = json.loads((teacher_copy / EVAL_RECORD).read_text())
     assert record["copy_baseline"]["bleu"] == round(copy_bleu, 2) and record["beam_size"] == 1
     assert f"BLEU {record['model']['bleu']:.2f} " in output
+    assert re.search(r"speed [\d,.]+ sentences/s, [\d,]+ tokens/s \(int8, beam 1, 2 threads", output), output
     assert model_hash(teacher_copy) == before  # the record does not change the teacher's identity
     below = record["model"]["bleu"] < record["copy_baseline"]["bleu"]
     assert ("warning: teacher" in output) == below
