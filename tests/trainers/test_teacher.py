@@ -194,3 +194,53 @@ def test_tokenizer_in_a_ct2_directory_puts_only_tokenizer_files_in_best(tiny_dat
     assert not {"model.bin", "shared_vocabulary.json"} & {p.name for p in best.iterdir()}
     assert Tokenizer.load(best).vocab_hash == Tokenizer.load(ct2).vocab_hash
     assert (export_ct2(best, tmp_path / "ct2") / "model.bin").is_file()
+
+
+def test_snapshots_are_kept_pruned_and_averaged_exactly(tiny_data, tiny_tokenizer, tmp_path):
+    from trainers.checkpoint import average_snapshots, snapshots
+
+    cfg = TeacherConfig(train=tiny_data / "train.parquet", valid=tiny_data / "valid.parquet",
+                        tokenizer=tiny_tokenizer.path, out=tmp_path / "t", size="tiny",
+                        optim=OptimConfig(max_steps=6, eval_every=2, warmup_steps=1, max_tokens=1000, keep_last=2))
+    train_teacher(cfg, progress_bar=False)
+    assert [p.name for p in snapshots(cfg.out)] == ["step-0000004", "step-0000006"]  # step 2 pruned
+    steps = average_snapshots(cfg.out, 2, tmp_path / "avg", tokenizer_dir=tiny_tokenizer.path)
+    assert steps == [4, 6]
+    a, b = (load_file(p / "model.safetensors") for p in snapshots(cfg.out))
+    mean = load_file(tmp_path / "avg" / "model.safetensors")
+    assert set(mean) == set(a)
+    for name in a:  # the element-wise mean, computed here independently
+        torch.testing.assert_close(mean[name], (a[name].double() + b[name].double()).div(2).float())
+    assert not torch.equal(a["model.shared.weight"], b["model.shared.weight"])  # the average is not a copy
+    with pytest.raises(CheckpointError, match="has 2 snapshots; averaging needs 3"):
+        average_snapshots(cfg.out, 3, tmp_path / "avg3")
+
+
+@pytest.mark.slow
+def test_package_writes_a_scored_ct2_teacher_with_its_readme(tiny_data, tiny_teacher, tmp_path):
+    import pyarrow.parquet as pq
+    from sacrebleu.metrics import BLEU
+
+    from pipeline.tokenizer import Tokenizer
+    from trainers.teacher import package_teacher
+
+    out = tmp_path / "shipped"
+    info = package_teacher(tiny_teacher["run"], out, test=tiny_data / "test.parquet", threads=1)
+    assert (out / "model.bin").is_file() and (out / "tokenizer.json").is_file()
+    Tokenizer.load(out)  # self-contained: the tokenizer is beside the model
+    # The recorded BLEU is the BLEU of what this directory translates, recomputed here with ctranslate2 itself.
+    import ctranslate2
+
+    tok = Tokenizer.load(out)
+    test = pq.read_table(tiny_data / "test.parquet")
+    translator = ctranslate2.Translator(str(out), compute_type="int8")
+    tokens = [tok.ids_to_tokens(ids) for ids in tok.encode_source(test["source"].to_pylist())]
+    limits = [min(256, 2 * len(t) + 10) for t in tokens]
+    hyps = [tok.decode([tok.tokens_to_ids(translator.translate_batch([t], beam_size=4, max_decoding_length=m)[0]
+                                          .hypotheses[0])])[0] for t, m in zip(tokens, limits, strict=True)]
+    assert info["bleu"] == pytest.approx(BLEU().corpus_score(hyps, [test["target"].to_pylist()]).score, abs=0.01)
+    saved = json.loads((out / "model_info.json").read_text())
+    assert saved["bleu"] == info["bleu"] and saved["speed"]["sentences"] == 100
+    assert saved["parameters"] == json.loads((tiny_teacher["run"] / "model_info.json").read_text())["parameters"]
+    readme = (out / "README.md").read_text()
+    assert f"**{info['bleu']:.2f}**" in readme and saved["commit"] in readme and "best model" in readme
