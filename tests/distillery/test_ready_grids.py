@@ -68,3 +68,17 @@ def test_quick_variant_runs_and_writes_its_results(name, ray_local, shared_cache
         assert f"{row.bleu:.2f}" in markdown
     if name == "noise":  # two noise rates: the noise plot is drawn
         assert (out / f"{grid.name}-bleu-vs-noise.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_demo_prints_the_table_of_its_grid(ray_local, shared_cache, tmp_path, monkeypatch):
+    """`distillery demo --quick` is the demo grid's quick variant: with the cache the test above filled, every
+    unit is reused and the demo prints teacher and students with size, quality and speed."""
+    monkeypatch.setenv("COLUMNS", "200")
+    (tmp_path / "cache").symlink_to(shared_cache)
+    result = CliRunner().invoke(app, ["demo", "--quick", "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "0 units run" in result.output
+    for method in ("nll", "token", "sentence"):
+        assert f"student tiny {method} (seed 1)" in result.output
+    assert "speed-up" in result.output and (tmp_path / "demo-quick" / "results.md").is_file()
