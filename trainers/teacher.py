@@ -167,9 +167,9 @@ def package_teacher(run: Path, out: Path, *, test: Path, average: int = 0, recip
         source, what = run / "best", "the best model by validation loss"
     else:
         source, what = run / "checkpoint", f"the latest checkpoint (step {trained['step']}; no validation yet)"
-        copy_tokenizer_files(cfg.tokenizer, source)
     tmp = out.with_name(out.name + ".tmp")
     export_ct2(source, tmp, quantization="int8")
+    copy_tokenizer_files(cfg.tokenizer, tmp)  # the checkpoint holds none; best/ and averaged/ the same files
     table = pq.read_table(test, columns=["source", "target"])
     speed: dict = {}
     tokenizer = Tokenizer.load(tmp)
