@@ -166,6 +166,8 @@ def package_teacher(run: Path, out: Path, *, test: Path, average: int = 0, recip
     elif (run / "best").is_dir():
         source, what = run / "best", "the best model by validation loss"
     else:
+        progress = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["progress"]
+        trained = {"step": progress["step"], "elapsed_s": progress["elapsed_s"]}
         source, what = run / "checkpoint", f"the latest checkpoint (step {trained['step']}; no validation yet)"
     tmp = out.with_name(out.name + ".tmp")
     export_ct2(source, tmp, quantization="int8")
