@@ -327,7 +327,8 @@ def write_outputs(grid: GridSpec, run: GridRun, out: Path, *, command: str) -> l
 
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(run.rows, out / "results.csv")
-    report.write_markdown(run.rows, out / "results.md", title=f"Grid {grid.name}", command=command)
+    if run.rows:  # nothing evaluated yet (every unit failed): the failures are what the caller reports
+        report.write_markdown(run.rows, out / "results.md", title=f"Grid {grid.name}", command=command)
     (out / "units.json").write_text(json.dumps({
         "reused": run.reused, "ran": run.ran, "failed": run.failed, "blocked": run.blocked,
         "units": [{"name": u.name, "kind": u.kind, "coords": u.coords} for u in run.units]}, indent=2))
