@@ -228,8 +228,10 @@ def _load_hf(hf_dir: Path, ct2_dir: Path):
 
     from pipeline.tokenizer import HF_FILES, MARIAN_FILES, Tokenizer
 
-    if not (hf_dir / "config.json").is_file():
-        raise InputError(f"{hf_dir} is not a Hugging Face checkpoint (no config.json)")
+    if not (hf_dir / "config.json").is_file() or (hf_dir / "model.bin").is_file():
+        what = "a CTranslate2 model" if (hf_dir / "model.bin").is_file() else "no config.json"
+        raise InputError(f"{hf_dir} is not a Hugging Face checkpoint ({what}); --hf takes the checkpoint the "
+                         "CTranslate2 model was converted from")
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(str(hf_dir), dtype="float32").eval()
     except Exception as exc:  # transformers raises many types; the user needs the path and the cause
