@@ -5,7 +5,8 @@ the decoder-start token's embedding — is not zero. Hugging Face starts decodin
 converter drops it and starts from a zero vector (``start_from_zero_embedding``), so the converted teacher scores
 every sentence differently (up to 5.5 nats per token were seen on a fine-tuned OPUS-MT model). Our own trainers keep
 that row zero (``build_marian`` zeroes it; ``marian_logits`` drops the ``<pad>`` column, so no gradient reaches it
-through the tied output layer), but a model fine-tuned elsewhere with its full output layer trains it.
+through the tied output layer), and so does transformers' OPUS-MT conversion, but fine-tuning with Hugging Face's
+own loss trains it: the ``<pad>`` logit is in its softmax, and the output layer is the embedding matrix.
 
 The check scores a few sentence pairs both ways, with teacher forcing — CTranslate2's ``score_batch`` (equal to the
 pipeline's own teacher-forced logits, ``tests/pipeline/test_ct2_parity.py``) and the Hugging Face model's forward in
@@ -226,10 +227,12 @@ def _load_hf(hf_dir: Path, ct2_dir: Path):
     """The Hugging Face model in float32, eval mode, and its tokenizer."""
     from transformers import AutoModelForSeq2SeqLM
 
+    from pipeline.ct2 import HF_WEIGHTS
     from pipeline.tokenizer import HF_FILES, MARIAN_FILES, Tokenizer
 
-    if not (hf_dir / "config.json").is_file() or (hf_dir / "model.bin").is_file():
-        what = "a CTranslate2 model" if (hf_dir / "model.bin").is_file() else "no config.json"
+    is_ct2 = (hf_dir / "model.bin").is_file() and not any((hf_dir / name).is_file() for name in HF_WEIGHTS)
+    if not (hf_dir / "config.json").is_file() or is_ct2:
+        what = "a CTranslate2 model" if is_ct2 else "no config.json"
         raise InputError(f"{hf_dir} is not a Hugging Face checkpoint ({what}); --hf takes the checkpoint the "
                          "CTranslate2 model was converted from")
     try:

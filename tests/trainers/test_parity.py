@@ -105,10 +105,14 @@ def test_ct2_decodes_from_zeros_so_the_zeroed_checkpoint_matches_it(trained_star
 
 def test_export_refuses_it_and_zero_pad_embedding_fixes_it(trained_start_row, tmp_path):
     out = tmp_path / "ct2"
+    out.mkdir()
+    (out / "earlier.txt").write_text("an earlier export")
     with pytest.raises(ParityError, match="non-zero embedding row") as refused:
         export_ct2(trained_start_row["hf"], out, quantization="float32")
     assert "--zero-pad-embedding" in str(refused.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left behind, no temporary directory either
+    # nothing written: no temporary directory left, the earlier output as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"] and sorted(p.name for p in out.iterdir()) == [
+        "earlier.txt"]
 
     export_ct2(trained_start_row["hf"], out, quantization="float32", zero_pad_embedding=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]
