@@ -42,9 +42,11 @@ MAX_SENTENCES = 64  # a check, not an evaluation: more pairs from --sentences ar
 # Tolerances in nats per reference token, |log p_CT2 - log p_HF|. Measured on correct conversions of tiny Marian
 # models (tests/trainers/test_parity.py builds them): float32 weights run in float32 agree to < 1e-5 (max) — only
 # summation order differs; int8 weights (int8 or float32 compute) differ by up to 0.81 (max) and 0.056 (mean) on an
-# untrained, nearly uniform model and 0.42 / 0.023 on a briefly trained one. The limits leave a margin of ~2.5x over
-# those and stay far below what a wrong conversion gives: a CTranslate2 model of another checkpoint differs by
-# nats on average, the non-zero start row by up to 5.5 nats (and it is caught from the weights anyway).
+# untrained, nearly uniform model and 0.42 / 0.023 on a briefly trained one; float16 / bfloat16 weights (run in float32
+# on a CPU, hence the tier is judged from the stored weight types) by up to 0.0066 / 0.0015. The limits leave ~2.5x over
+# those and stay far below what a wrong conversion gives: a CTranslate2 model of another checkpoint of the same shape
+# and vocabulary differs by 1.0 nats per token on average (max 4.1), the non-zero start row by up to 5.5 nats (and it
+# is caught from the weights anyway).
 EXACT = "exact"  # float32 weights, float32 compute
 QUANTIZED = "quantized"  # any reduced precision in the weights or the compute
 
@@ -84,7 +86,7 @@ class ParityResult:
     ct2_dir: Path
     hf_dir: Path
     compute_type: str  # what CTranslate2 ran, e.g. int8_float32
-    weights: str  # the compute type the model's stored weights load as by default
+    weights: str  # the types of the stored weight matrices, e.g. int8 or float32
     tier: str  # EXACT or QUANTIZED
     tolerance: Tolerance
     sentences: int
@@ -185,14 +187,14 @@ def check_parity(ct2_dir: str | Path, hf_dir: str | Path, *, sentences: list[tup
     pairs = list(sentences or SENTENCES)
     src = tok.encode_source([s for s, _ in pairs])
     tgt = tok.encode_target([t for _, t in pairs])
-    stored = load_translator(ct2_dir, compute_type="default", intra_threads=threads)
-    translator = stored if compute_type == "default" else load_translator(
-        ct2_dir, compute_type=compute_type, intra_threads=threads)
-    tier = EXACT if stored.compute_type == translator.compute_type == "float32" else QUANTIZED
+    translator = load_translator(ct2_dir, compute_type=compute_type, intra_threads=threads)
+    weights = stored_weight_types(ct2_dir)  # on a CPU, float16 weights run as float32: the compute type hides them
+    tier = EXACT if weights == {"float32"} and translator.compute_type == "float32" else QUANTIZED
     start_row = decoder_start_row(model, tok)
     problems = [start_row_problem(start_row, hf_label or hf_dir)] if start_row and not start_row.is_zero else []
     ct2_vocab, hf_vocab = model_vocabulary(ct2_dir), _ordered_vocab(tok)
-    result = ParityResult(ct2_dir, Path(hf_label or hf_dir), translator.compute_type, stored.compute_type, tier,
+    result = ParityResult(ct2_dir, Path(hf_label or hf_dir), translator.compute_type,
+                          "+".join(sorted(weights)) if weights else "unknown", tier,
                           TOLERANCES[tier], len(pairs), sum(map(len, tgt)), float("nan"), float("nan"), start_row,
                           problems)
     if hf_vocab[: len(ct2_vocab)] != ct2_vocab or model.config.vocab_size < len(ct2_vocab):
@@ -209,6 +211,42 @@ def check_parity(ct2_dir: str | Path, hf_dir: str | Path, *, sentences: list[tup
                         f"nats per token (mean {result.mean_abs:.3f}), beyond the {tier} tolerance "
                         f"(max {result.tolerance.max_abs}, mean {result.tolerance.mean_abs})")
     return result
+
+
+# CTranslate2's model.bin (ctranslate2/specs/model_spec.py, ``_serialize``): binary version, spec name, revision,
+# then every variable as name, rank, dims, dtype id, byte count, bytes. Dtype ids follow its DataType enum.
+_BINARY_VERSIONS = (5, 6)
+_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
+
+
+def stored_weight_types(model_dir: str | Path) -> set[str]:
+    """The types of the weight matrices in a CTranslate2 ``model.bin`` (what quantization changes); empty when the
+    file's format is not one this reader knows (the check is then judged as quantized)."""
+    import struct
+
+    def read(f, fmt: str):
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def skip_string(f) -> None:
+        f.seek(read(f, "H"), 1)
+
+    types: set[str] = set()
+    with open(Path(model_dir) / "model.bin", "rb") as f:
+        if read(f, "I") not in _BINARY_VERSIONS:
+            return set()
+        skip_string(f)
+        read(f, "I")  # spec revision
+        for _ in range(read(f, "I")):
+            skip_string(f)
+            rank = read(f, "B")
+            f.seek(4 * rank, 1)  # the dims
+            dtype = read(f, "B")
+            f.seek(read(f, "I"), 1)
+            if dtype >= len(_DTYPES):
+                return set()
+            if rank >= 2:  # weight matrices and embeddings; scalars hold settings (e.g. int8 flags), biases stay
+                types.add(_DTYPES[dtype])
+    return types - {"int32"}
 
 
 def require_parity(ct2_dir: str | Path, hf_dir: str | Path, **kwargs) -> ParityResult:

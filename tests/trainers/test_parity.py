@@ -62,6 +62,7 @@ def test_correct_conversion_passes(opus_teacher, ct2, tier):
     result = check_parity(opus_teacher[ct2], opus_teacher["hf"])
     assert result.passed, result.problems
     assert result.tier == tier and result.tolerance == TOLERANCES[tier]
+    assert result.weights == ("float32" if tier == EXACT else "float32+int8")  # an int8 export keeps a few in float32
     assert result.sentences == len(SENTENCES)
     assert result.tokens == reference_tokens(opus_teacher["tokenizer"], [t for _, t in SENTENCES])
     assert result.start_row.token == "<pad>" and result.start_row.token_id == len(opus_teacher["vocab"]) - 1
@@ -70,6 +71,13 @@ def test_correct_conversion_passes(opus_teacher, ct2, tier):
         assert result.max_abs < 1e-4  # only the summation order differs
     else:
         assert 1e-3 < result.mean_abs < TOLERANCES[QUANTIZED].mean_abs  # int8 shows, within its tolerance
+
+
+def test_float16_weights_are_judged_as_quantized_though_a_cpu_runs_them_in_float32(opus_teacher, tmp_path):
+    ct2 = export_ct2(opus_teacher["hf"], tmp_path / "f16", quantization="float16")
+    result = check_parity(ct2, opus_teacher["hf"])
+    assert result.passed and result.compute_type == "float32" and result.weights == "float16"
+    assert result.tier == QUANTIZED and result.mean_abs > 1e-5  # rounded weights: not the float32 agreement
 
 
 def test_int8_compute_on_float32_weights_is_judged_as_quantized(opus_teacher):
