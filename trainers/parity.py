@@ -93,7 +93,7 @@ class ParityResult:
     tokens: int
     max_abs: float
     mean_abs: float
-    start_row: StartRow | None  # None for models CTranslate2 does not start from a zero vector
+    start_row: StartRow
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -106,12 +106,12 @@ class ParityResult:
             f"CTranslate2 {self.ct2_dir} ({self.compute_type}; weights {self.weights}) vs Hugging Face {self.hf_dir}",
             f"{self.sentences} sentence pairs, {self.tokens} reference tokens, teacher-forced",
             f"|log p CT2 - log p HF| per token: max {self.max_abs:.5f}, mean {self.mean_abs:.5f} nats "
-            f"(tolerance, {self.tier}: max {self.tolerance.max_abs}, mean {self.tolerance.mean_abs})",
+            f"(tolerance, {self.tier}: max {self.tolerance.max_abs}, mean {self.tolerance.mean_abs})"
+            if self.max_abs == self.max_abs else "log-probs not compared: the vocabularies differ",  # NaN: not scored
         ]
-        if self.start_row is not None:
-            row = self.start_row
-            lines.append(f"decoder-start row {row.token} (id {row.token_id}): L2 norm {row.norm:.6g}"
-                         + (" (zero, as CTranslate2 assumes)" if row.is_zero else " (NOT zero)"))
+        row = self.start_row
+        lines.append(f"decoder-start row {row.token} (id {row.token_id}): L2 norm {row.norm:.6g}"
+                     + (" (zero, as CTranslate2 assumes)" if row.is_zero else " (NOT zero)"))
         return "\n".join(lines)
 
     def verdict(self) -> str:
@@ -140,10 +140,8 @@ def load_sentences(path: str | Path) -> list[tuple[str, str]]:
     return list(zip(table.column("source").to_pylist(), table.column("target").to_pylist(), strict=True))
 
 
-def decoder_start_row(model, tokenizer) -> StartRow | None:
-    """The decoder-start row of a Marian model (the one CTranslate2 replaces by zeros); None for other models."""
-    if model.config.model_type != "marian":
-        return None
+def decoder_start_row(model, tokenizer) -> StartRow:
+    """The decoder-start row of a Marian model: the one CTranslate2 replaces by zeros."""
     token_id = model.config.decoder_start_token_id
     row = model.get_decoder().embed_tokens.weight[token_id]
     return StartRow(token_id, tokenizer.hf.convert_ids_to_tokens(token_id), float(row.detach().double().norm()))
@@ -191,7 +189,7 @@ def check_parity(ct2_dir: str | Path, hf_dir: str | Path, *, sentences: list[tup
     weights = stored_weight_types(ct2_dir)  # on a CPU, float16 weights run as float32: the compute type hides them
     tier = EXACT if weights == {"float32"} and translator.compute_type == "float32" else QUANTIZED
     start_row = decoder_start_row(model, tok)
-    problems = [start_row_problem(start_row, hf_label or hf_dir)] if start_row and not start_row.is_zero else []
+    problems = [] if start_row.is_zero else [start_row_problem(start_row, hf_label or hf_dir)]
     ct2_vocab, hf_vocab = model_vocabulary(ct2_dir), _ordered_vocab(tok)
     result = ParityResult(ct2_dir, Path(hf_label or hf_dir), translator.compute_type,
                           "+".join(sorted(weights)) if weights else "unknown", tier,
@@ -277,6 +275,9 @@ def _load_hf(hf_dir: Path, ct2_dir: Path):
         model = AutoModelForSeq2SeqLM.from_pretrained(str(hf_dir), dtype="float32").eval()
     except Exception as exc:  # transformers raises many types; the user needs the path and the cause
         raise InputError(f"cannot load a Hugging Face model from {hf_dir}: {exc}") from exc
+    if model.config.model_type != "marian":  # others need language tokens forced (M2M100, NLLB): not checked yet
+        raise InputError(f"{hf_dir} is a {model.config.model_type!r} model; the check covers Marian (OPUS-MT) models "
+                         "(`distillery export --no-check` converts without it)")
     has_tokenizer = any((hf_dir / name).is_file() for name in (*HF_FILES, *MARIAN_FILES))
     return model, Tokenizer.load(hf_dir if has_tokenizer else ct2_dir)
 

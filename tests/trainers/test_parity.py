@@ -150,6 +150,7 @@ def test_ct2_with_another_vocabulary_is_refused(opus_teacher, tiny_tokenizer, tm
     ct2 = export_ct2(tmp_path / "hf", tmp_path / "ct2", quantization="int8")
     result = check_parity(ct2, opus_teacher["hf"])
     assert not result.passed and "vocabularies differ" in result.problems[0]
+    assert "not compared: the vocabularies differ" in result.summary()
 
 
 @pytest.mark.parametrize("fmt", ["tsv", "parquet"])
