@@ -183,8 +183,9 @@ def check_parity(ct2_dir: str | Path, hf_dir: str | Path, *, sentences: list[tup
     check_compute_type(compute_type)
     model, tok = _load_hf(hf_dir, ct2_dir)
     pairs = list(sentences or SENTENCES)
-    src = tok.encode_source([s for s, _ in pairs])
-    tgt = tok.encode_target([t for _, t in pairs])
+    limit = model.config.max_position_embeddings  # a longer sentence is cut, keeping its </s>, as training cuts it
+    src = [_cut(ids, limit, tok.eos_id) for ids in tok.encode_source([s for s, _ in pairs])]
+    tgt = [_cut(ids, limit, tok.eos_id) for ids in tok.encode_target([t for _, t in pairs])]
     translator = load_translator(ct2_dir, compute_type=compute_type, intra_threads=threads)
     weights = stored_weight_types(ct2_dir)  # on a CPU, float16 weights run as float32: the compute type hides them
     tier = EXACT if weights == {"float32"} and translator.compute_type == "float32" else QUANTIZED
@@ -213,7 +214,7 @@ def check_parity(ct2_dir: str | Path, hf_dir: str | Path, *, sentences: list[tup
 
 # CTranslate2's model.bin (ctranslate2/specs/model_spec.py, ``_serialize``): binary version, spec name, revision,
 # then every variable as name, rank, dims, dtype id, byte count, bytes. Dtype ids follow its DataType enum.
-_BINARY_VERSIONS = (5, 6)
+_BINARY_VERSIONS = (6,)  # what CTranslate2 4.8 writes; another version is read as unknown
 _DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
 
 
@@ -280,6 +281,10 @@ def _load_hf(hf_dir: Path, ct2_dir: Path):
                          "(`distillery export --no-check` converts without it)")
     has_tokenizer = any((hf_dir / name).is_file() for name in (*HF_FILES, *MARIAN_FILES))
     return model, Tokenizer.load(hf_dir if has_tokenizer else ct2_dir)
+
+
+def _cut(ids: list[int], limit: int, eos: int) -> list[int]:
+    return ids if len(ids) <= limit else [*ids[: limit - 1], eos]
 
 
 def _ordered_vocab(tok) -> list[str]:

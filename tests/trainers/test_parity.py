@@ -80,6 +80,27 @@ def test_float16_weights_are_judged_as_quantized_though_a_cpu_runs_them_in_float
     assert result.tier == QUANTIZED and result.mean_abs > 1e-5  # rounded weights: not the float32 agreement
 
 
+def test_sentences_longer_than_the_model_positions_are_cut(opus_teacher, tmp_path):
+    """A student with short positions (``max_positions``) is checked on its export too: long pairs are cut."""
+    from transformers import MarianMTModel
+
+    model = MarianMTModel.from_pretrained(opus_teacher["hf"])
+    model.config.max_position_embeddings = 12
+    model = MarianMTModel(model.config)  # the same vocabulary with 12 positions
+    with torch.no_grad():
+        model.get_decoder().embed_tokens.weight[model.config.decoder_start_token_id] = 0
+    model.save_pretrained(tmp_path / "hf")
+    for name in MARIAN_TOKENIZER_FILES:
+        shutil.copy2(opus_teacher["tokenizer"] / name, tmp_path / "hf" / name)
+    ct2 = export_ct2(tmp_path / "hf", tmp_path / "ct2", quantization="float32")  # checks 8 pairs, most > 12 tokens
+    result = check_parity(ct2, tmp_path / "hf")
+    from transformers import MarianTokenizer
+
+    lengths = [len(ids) for ids in MarianTokenizer.from_pretrained(str(opus_teacher["tokenizer"]))(
+        text_target=[t for _, t in SENTENCES])["input_ids"]]
+    assert max(lengths) > 12 and result.passed and result.tokens == sum(min(n, 12) for n in lengths)
+
+
 def test_int8_compute_on_float32_weights_is_judged_as_quantized(opus_teacher):
     exact = check_parity(opus_teacher["ct2_f32"], opus_teacher["hf"])
     int8 = check_parity(opus_teacher["ct2_f32"], opus_teacher["hf"], compute_type="int8")
