@@ -47,7 +47,7 @@ app = _App(help="Build knowledge-distillation corpora with a CTranslate2 teacher
            no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Corpora: prepare (validate + split) and rebuild the bundled one.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="The shared subword vocabulary.", no_args_is_help=True)
-teacher_app = typer.Typer(help="Train a Marian teacher.", no_args_is_help=True)
+teacher_app = typer.Typer(help="Train a Marian teacher, or check a converted one.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(teacher_app, name="teacher")
@@ -322,13 +322,48 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (e.g. RUN/best)")],
     out: Annotated[Path, typer.Option(help="CTranslate2 model directory to write")],
     quantization: Annotated[str, typer.Option(help="float32 | int8 | int8_float32 | int16 | float16")] = "int8",
+    check: Annotated[bool, typer.Option(help="score a few sentences with both models and refuse a mismatch "
+                                             "(--no-check skips it)")] = True,
+    zero_pad_embedding: Annotated[bool, typer.Option(
+        help="zero the decoder-start (<pad>) embedding row in a copy before converting (CTranslate2 decodes from "
+             "zeros)")] = False,
+    sentences: Annotated[Path | None, typer.Option(help="pairs for the check: TSV source<TAB>target, or Parquet / "
+                                                        "JSONL with source, target")] = None,
 ) -> None:
-    """Convert a checkpoint to CTranslate2 with its own TransformersConverter."""
+    """Convert a checkpoint to CTranslate2 with its own TransformersConverter, then check the result against the
+    checkpoint's forward (as `distillery teacher check` does); a mismatch writes nothing (exit 1)."""
     from trainers.export import export_ct2
+    from trainers.parity import load_sentences
 
     quiet_libraries()
-    export_ct2(checkpoint, out, quantization=quantization)
-    console.print(f"CTranslate2 model ({quantization}) → {out}")
+    pairs = load_sentences(sentences) if sentences is not None else None
+    export_ct2(checkpoint, out, quantization=quantization, check=check, zero_pad_embedding=zero_pad_embedding,
+               sentences=pairs, on_check=lambda res: console.print(res.summary(), highlight=False, soft_wrap=True))
+    console.print(f"CTranslate2 model ({quantization}) → {out}"
+                  + (" (decoder-start row zeroed in a copy of the checkpoint)" if zero_pad_embedding else "")
+                  + ("" if check else " (not checked: --no-check)"), soft_wrap=True)
+
+
+@teacher_app.command("check")
+@friendly_errors
+def teacher_check(
+    model: Annotated[Path, typer.Argument(help="CTranslate2 model directory")],
+    hf: Annotated[Path, typer.Option("--hf", help="the Hugging Face checkpoint it was converted from")],
+    sentences: Annotated[Path | None, typer.Option(help="pairs to score: TSV source<TAB>target, or Parquet / JSONL "
+                                                        "with source, target (default: 8 built-in pairs)")] = None,
+    compute_type: Annotated[str, typer.Option(help="CTranslate2 compute type (default: the stored weights')")] = (
+        "default"),
+    threads: Annotated[int, typer.Option(help="CTranslate2 threads")] = 2,
+) -> None:
+    """Check that a CTranslate2 model computes what its Hugging Face source computes: teacher-forced log-probs of
+    reference tokens both ways, and Marian's decoder-start row. Exit 0 pass, 1 mismatch, 2 bad input."""
+    from trainers.parity import load_sentences, require_parity
+
+    quiet_libraries()
+    pairs = load_sentences(sentences) if sentences is not None else None
+    result = require_parity(model, hf, sentences=pairs, compute_type=compute_type, threads=threads)
+    console.print(result.summary(), highlight=False, soft_wrap=True)
+    console.print(result.verdict(), highlight=False, soft_wrap=True)
 
 
 @app.command("eval")

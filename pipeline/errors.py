@@ -27,6 +27,8 @@ class InputError(ValueError):
 class RunError(RuntimeError):
     """A failure after work started (exit status 1); the input was fine, a re-run resumes."""
 
+    prefix = "job failed: "  # what ``message`` puts before it; a subclass whose message says it all sets ""
+
 
 def exit_code(exc: BaseException) -> int:
     """The exit status an exception ends a command with (see the module docstring)."""
@@ -50,7 +52,7 @@ def message(exc: BaseException) -> str:
     if isinstance(exc, RunError):
         cause = exc.__cause__
         detail = f" ({type(cause).__name__}: {_last_line(cause)})" if cause and str(cause) != str(exc) else ""
-        return f"job failed: {exc}{detail}"
+        return f"{exc.prefix}{exc}{detail}"
     if exit_code(exc) == EXIT_INVALID:
         return str(exc)
     return f"failed: {type(exc).__name__}: {_last_line(exc)}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -135,7 +136,10 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         try:
-            hf = AutoTokenizer.from_pretrained(str(path))
+            with warnings.catch_warnings():
+                # MarianTokenizer asks for sacremoses for a punctuation normalizer that its encoding never calls
+                warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+                hf = AutoTokenizer.from_pretrained(str(path))
         except Exception as exc:  # transformers raises many types; the user needs the path and the cause
             raise TokenizerError(f"cannot load a tokenizer from {path}: {exc}") from exc
         return cls(hf, path)

@@ -1,11 +1,15 @@
-"""Checkpoint → CTranslate2 conversion with CTranslate2's own ``TransformersConverter``."""
+"""Checkpoint → CTranslate2 conversion with CTranslate2's own ``TransformersConverter``, checked against the
+checkpoint's own forward (``trainers.parity``) before the model is moved into place."""
 
 from __future__ import annotations
 
 import shutil
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.tokenizer import copy_tokenizer_files
+from trainers.parity import ParityResult, check_parity, raise_on_mismatch
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int16", "float16", "bfloat16")
 
@@ -14,19 +18,33 @@ class ExportError(ValueError):
     """The checkpoint cannot be converted."""
 
 
-def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "int8") -> Path:
+def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "int8", check: bool = True,
+               zero_pad_embedding: bool = False, sentences: list[tuple[str, str]] | None = None,
+               on_check: Callable[[ParityResult], None] | None = None) -> Path:
     """Converts a Hugging Face Marian checkpoint directory to a CTranslate2 model directory.
 
     The tokenizer files are copied beside the converted model so the directory is self-contained:
-    every command accepts it as ``--model`` without a separate ``--tokenizer``.
+    every command accepts it as ``--model`` without a separate ``--tokenizer``. The model is converted into a
+    temporary directory and checked there; ``out`` is written only when the check passes.
 
     Args:
         checkpoint: directory with ``config.json``, weights and tokenizer files (e.g. ``run/best``).
-        out: target directory; replaced if it exists.
+        out: target directory; replaced if it exists (and left as it was when the export is refused).
         quantization: weight type stored in the CT2 model; ``float32`` keeps full precision.
+        check: score a few sentences with the converted model and with the checkpoint (``trainers.parity``)
+            and refuse a mismatch.
+        zero_pad_embedding: zero the decoder-start (``<pad>``) embedding row in a copy of the checkpoint and
+            convert that copy: CTranslate2 decodes from a zero vector, so this makes the checkpoint what
+            CTranslate2 will compute. ``checkpoint`` itself is not changed.
+        sentences: (source, reference) pairs for the check; default ``trainers.parity.SENTENCES``.
+        on_check: receives the check's result when it passes (e.g. to print its numbers).
 
     Returns:
         ``out`` as a Path.
+
+    Raises:
+        ExportError: not a checkpoint, an unknown quantization, a conversion error.
+        ParityError: the converted model does not compute what the checkpoint computes; nothing is written.
     """
     from ctranslate2.converters import TransformersConverter
 
@@ -36,15 +54,47 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
     tmp = out.with_name(out.name + ".tmp")
+    zeroed = out.with_name(out.name + ".zeroed-source")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        TransformersConverter(str(checkpoint)).convert(
-            str(tmp), quantization=None if quantization == "float32" else quantization, force=True
-        )
-    except Exception as exc:  # the converter raises bare Exceptions; name the checkpoint
+        source = _zero_start_row(checkpoint, zeroed) if zero_pad_embedding else checkpoint
+        try:
+            with warnings.catch_warnings():  # the converter loads a MarianTokenizer: see pipeline.tokenizer
+                warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+                TransformersConverter(str(source)).convert(
+                    str(tmp), quantization=None if quantization == "float32" else quantization, force=True
+                )
+        except Exception as exc:  # the converter raises bare Exceptions; name the checkpoint
+            raise ExportError(f"cannot convert {checkpoint}: {exc}") from exc
+        copy_tokenizer_files(checkpoint, tmp)
+        if check:
+            label = f"{checkpoint} (decoder-start row zeroed)" if zero_pad_embedding else str(checkpoint)
+            result = check_parity(tmp, source, sentences=sentences, hf_label=label)
+            result.ct2_dir = out  # where it goes if it passes, not the temporary directory
+            raise_on_mismatch(result)
+            if on_check is not None:
+                on_check(result)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"cannot convert {checkpoint}: {exc}") from exc
-    copy_tokenizer_files(checkpoint, tmp)
+        raise
+    finally:
+        shutil.rmtree(zeroed, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _zero_start_row(checkpoint: Path, copy: Path) -> Path:
+    """A copy of ``checkpoint`` whose decoder-start embedding row is zero (tied rows with it)."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from trainers.checkpoint import save_model
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(checkpoint), dtype="float32")
+    if model.config.model_type != "marian":
+        raise ExportError(f"--zero-pad-embedding is for Marian models; {checkpoint} is {model.config.model_type!r}")
+    with torch.no_grad():
+        model.get_decoder().embed_tokens.weight[model.config.decoder_start_token_id].zero_()
+    save_model(model, checkpoint, copy)
+    return copy
