@@ -434,11 +434,10 @@ def experiment(
     Writes results.csv, results.md (mean ± 95 % CI over seeds) and PNG plots to the results directory.
     """
     from pipeline.config import load_config
-    from pipeline.errors import RunError
 
     from .experiment.grid import GridSpec, expand
     from .experiment.progress import GridProgress
-    from .experiment.runner import default_cache, prepare_inputs, read_marker, run_grid, write_outputs
+    from .experiment.runner import GridError, default_cache, prepare_inputs, read_marker, run_grid, write_outputs
 
     quiet_libraries()
     grid = load_config(grid_file, GridSpec)
@@ -465,8 +464,8 @@ def experiment(
     console.print(f"{len(run.ran)} units run, {len(run.reused)} reused → " + ", ".join(str(f) for f in files))
     if run.failed or run.blocked:
         details = "; ".join(f"{name}: {error}" for name, error in run.failed.items())
-        raise RunError(f"{len(run.failed)} units failed ({details}); {len(run.blocked)} blocked by them. Fix and "
-                       "run the same command again: finished units are reused.")
+        raise GridError(f"{len(run.failed)} units failed ({details}); {len(run.blocked)} blocked by them. Fix and "
+                        "run the same command again: finished units are reused.")
 
 
 @app.command("demo")

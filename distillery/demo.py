@@ -48,9 +48,9 @@ def run_demo(workdir: Path, *, full: bool, console: Console, quick: bool = False
     console.print(f"{len(run.ran)} units run, {len(run.reused)} reused in {(time.monotonic() - started) / 60:.1f} "
                   f"min → {', '.join(str(f) for f in files if f.suffix in ('.md', '.csv'))}")
     if run.failed:
-        from pipeline.errors import RunError
+        from .experiment.runner import GridError
 
-        raise RunError("; ".join(f"{k}: {v}" for k, v in run.failed.items()))
+        raise GridError("; ".join(f"{k}: {v}" for k, v in run.failed.items()))
     return run.rows
 
 

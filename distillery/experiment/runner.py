@@ -26,10 +26,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.errors import RunError
+
 from .grid import GridSpec, Inputs, Unit, content_key, expand
 from .records import ResultRow
 
 UNIT_DIR, LOG_DIR = "units", "logs"
+
+
+class GridError(RunError):
+    """Units of a grid failed (each named with its log); the finished ones are kept and reused on a re-run."""
+
+    prefix = ""
 
 
 @dataclass(frozen=True)

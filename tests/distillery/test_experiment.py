@@ -143,3 +143,27 @@ def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_loc
     again = run_grid(grid, cache=cache)
     assert again.ran == [] and set(again.reused) == every
     assert again.rows == rows
+
+
+@pytest.mark.slow
+def test_a_failed_unit_is_reported_with_its_log_and_blocks_only_its_dependants(tiny_grid, ray_local, tmp_path):
+    from typer.testing import CliRunner
+
+    from distillery.cli import app
+
+    grid = yaml.safe_load(tiny_grid.read_text())
+    # No training row fits 4 positions: the student refuses to train (in its driver, before any worker starts).
+    grid |= {"methods": ["nll"], "seeds": [1], "sizes": [{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+                                                          "heads": 2, "ffn_dim": 64, "max_positions": 4}]}
+    tiny_grid.write_text(yaml.safe_dump(grid))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["experiment", str(tiny_grid), "--cache", str(tmp_path / "c"), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    output = "".join(result.output.split())  # rich wraps long lines at its console width: compare without spaces
+    assert "error:1unitsfailed(student-" in output and "1blockedbythem" in output
+    assert "Traceback" not in output
+    log = next((tmp_path / "c" / "logs").glob("student-*.log"))
+    assert f"(log:{log})" in output and "max_positions" in log.read_text()
+    summary = json.loads((out / "units.json").read_text())
+    assert len(summary["ran"]) == 2 and len(summary["blocked"]) == 1  # the dataset and the teacher's eval ran
+    assert (out / "results.csv").read_text().count("\n") == 2  # header + the teacher's row
