@@ -67,8 +67,8 @@ class UncertaintyGate(torch.nn.Module):
         return float(torch.sigmoid(self.s_sentence.detach() - self.s_token.detach()))
 
     def log_values(self) -> dict:
-        return {"gate": self.weight(), "sigma_token": math.exp(0.5 * float(self.s_token)),
-                "sigma_sentence": math.exp(0.5 * float(self.s_sentence))}
+        return {"gate": self.weight(), "sigma_token": math.exp(0.5 * float(self.s_token.detach())),
+                "sigma_sentence": math.exp(0.5 * float(self.s_sentence.detach()))}
 
 
 class HeldoutGate(torch.nn.Module):
