@@ -335,3 +335,32 @@ def test_heldout_gate_resumes_exactly(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_students_train_with_each_new_gate(ray_local, tiny_distilled, tiny_data, tiny_tokenizer, tmp_path):
+    """Through train_student: every validation logs the gate; heldout (2 workers: all-reduced gradients) steps."""
+    import json
+
+    from tests.trainers.test_student import config
+    from trainers.student import train_student
+
+    gates = {"fixed": ({"g": 0.3}, 1), "uncertainty": ({}, 1), "heldout": ({"gate_every": 2, "gate_lr": 1.0}, 2)}
+    for gate, (options, workers) in gates.items():
+        cfg = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / gate, workers=workers)
+        cfg.loss = LossConfig(name="hybrid", gate=gate, **options)
+        results = train_student(cfg)
+        events = [json.loads(line) for line in (tmp_path / gate / "metrics.jsonl").read_text().splitlines()]
+        valid = [e for e in events if e["event"] == "valid"]
+        assert [e["step"] for e in valid] == [4, 8] and results["gate"] == valid[-1]["gate"]
+        if gate == "fixed":
+            assert [e["gate"] for e in valid] == [0.3, 0.3]
+        elif gate == "uncertainty":
+            assert all(e["gate"] == pytest.approx(1 / (1 + (e["sigma_token"] / e["sigma_sentence"]) ** 2))
+                       for e in valid)
+            assert valid[-1]["gate"] != 0.5 and 0 < valid[-1]["gate"] < 1  # the scales moved
+        else:
+            assert [e["gate_updates"] for e in valid] == [2, 4]
+            assert valid[-1]["gate"] != 0.5 and all(-1 <= e["gate_cos"] <= 1 for e in valid)
+            saved = load_file(tmp_path / gate / "checkpoint" / "model.safetensors")
+            assert 1 / (1 + math.exp(-float(saved["kd_gate.w"]))) == pytest.approx(valid[-1]["gate"])
