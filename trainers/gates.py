@@ -22,10 +22,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
-
-
 class FixedGate(torch.nn.Module):
     """``g·L_token + (1−g)·L_sentence`` with a constant ``g``; no parameter."""
 
@@ -75,7 +71,7 @@ class HeldoutGate(torch.nn.Module):
     """``g = sigmoid(w)`` learned from held-out data, never from the loss it mixes (first-order bilevel).
 
     ``w`` is a buffer, not a parameter: the mixed training loss gives it no gradient and the optimiser never
-    sees it. Every ``every`` training steps (:meth:`tick`), :meth:`step` estimates how ``g`` changes the held-out
+    sees it. Every ``every`` training steps (:meth:`tick`), :meth:`update` estimates how ``g`` changes the held-out
     loss after one gradient step of the student. With ``θ' = θ − η·(g·∇L_tok + (1−g)·∇L_sent)``,
     ``∂L_valid(θ')/∂g ≈ −η·⟨∇L_valid, ∇L_tok − ∇L_sent⟩`` (all gradients at θ; the hypergradient of a one-step
     lookahead). The gate descends it, normalised to the cosine so the step does not depend on gradient scales:

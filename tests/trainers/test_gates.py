@@ -238,7 +238,7 @@ def test_heldout_gate_moves_toward_what_lowers_the_held_out_loss():
     def lookahead(g: float, eta: float = 0.1) -> float:
         th = model.table.detach().clone().requires_grad_()
         mix = g * token_kd(th, batch) + (1 - g) * sentence_kd(th, batch)
-        step = th - eta * torch.autograd.grad(mix, th)[0]
+        step = (th - eta * torch.autograd.grad(mix, th)[0]).detach()
         return float(F.cross_entropy(step[0], TEACH[0]))
 
     assert lookahead(0.51) < lookahead(0.5) < lookahead(0.49)
