@@ -76,7 +76,7 @@ VALID = [{"labels": TEACH.clone()}]
 
 
 def valid_nll(model) -> float:
-    return float(F.cross_entropy(model.table[0], TEACH[0]))
+    return float(F.cross_entropy(model.table[0].detach(), TEACH[0]))
 
 
 def train(gate, steps: int, *, lr: float = 0.01, cfg: LossConfig | None = None, batch: dict | None = None):
