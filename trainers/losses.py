@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trainers.batching import IGNORE
+from trainers.gates import FixedGate, HeldoutGate, UncertaintyGate
 
 Reduction = Literal["mean", "sum"]
 Tail = Literal["renormalize", "bucket"]
@@ -309,11 +310,22 @@ class HybridGate(torch.nn.Module):
         """Mean gate value over the non-padding tokens of the last call (NaN before any)."""
         return math.nan if self._last is None else float(self._last)
 
+    def mix(self, tok: torch.Tensor, sent: torch.Tensor, mask: torch.Tensor, hidden=None) -> torch.Tensor:
+        g = self(mask, hidden)
+        return g * tok + (1 - g) * sent
+
+    def log_values(self) -> dict:
+        return {"gate": self.last_value()}
+
+
+GateKind = Literal["scalar", "token", "fixed", "uncertainty", "heldout"]
+Gate = HybridGate | FixedGate | UncertaintyGate | HeldoutGate
+
 
 def hybrid(
     logits: torch.Tensor,
     batch: dict,
-    gate: HybridGate,
+    gate: Gate,
     *,
     temperature: float = 1.0,
     tail: Tail = "renormalize",
@@ -322,24 +334,25 @@ def hybrid(
     hidden: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """Gated token/sentence KD: ``g_t·L_token,t + (1−g_t)·L_sentence,t`` per token.
+    """Gated token/sentence KD: ``g_t·L_token,t + (1−g_t)·L_sentence,t`` per token (``gate.mix``).
 
     ``L_token`` is :func:`token_kd`'s per-token loss (α = 1), ``L_sentence`` :func:`sentence_kd`'s; both along
-    the teacher hypotheses in ``labels``.
+    the teacher hypotheses in ``labels``. The uncertainty gate weighs them ``e^{−s_i}/2`` and adds its
+    regulariser instead (``trainers.gates``).
 
     Args:
         logits: ``[B, T, V]`` student scores.
         batch: keys of :func:`token_kd` and :func:`sentence_kd`; ``hidden`` ``[B, T, d]`` for a token gate.
-        gate: the :class:`HybridGate` (its parameters belong in the optimizer).
+        gate: a :class:`HybridGate` or a gate of ``trainers.gates`` (its parameters belong in the optimizer).
         temperature, tail: of the token loss. weighting, label_smoothing: of the sentence loss.
         hidden: decoder states; overrides ``batch["hidden"]``.
         reduction: ``"mean"`` or ``"sum"`` over non-padding tokens.
     """
     labels = batch["labels"]
-    g = gate(labels != IGNORE, hidden if hidden is not None else batch.get("hidden"))
     tok = _token_kd_map(logits, batch, temperature=temperature, tail=tail, alpha=1.0, label_smoothing=0.0)
     sent = _sentence_map(logits, batch, weighting=weighting, label_smoothing=label_smoothing)
-    return _reduce(g * tok + (1 - g) * sent, labels, reduction)
+    mixed = gate.mix(tok, sent, labels != IGNORE, hidden if hidden is not None else batch.get("hidden"))
+    return _reduce(mixed, labels, reduction)
 
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -389,7 +402,10 @@ class LossConfig(BaseModel):
     beta: float = Field(0.5, ge=0, le=1)  # jsd: 0 = forward KL, 1 = reverse KL
     lam: float = Field(0.1, ge=0, le=1)  # skew_kl: teacher share λ of the mixture
     weighting: Weighting = "none"  # sentence / hybrid: per-hypothesis weights
-    gate: Literal["scalar", "token"] = "scalar"  # hybrid: gate kind
+    gate: GateKind = "scalar"  # hybrid: gate kind (trainers.gates; README, Losses)
+    g: float = Field(0.5, ge=0, le=1)  # hybrid, gate fixed: the token weight
+    gate_lr: float = Field(0.5, gt=0)  # hybrid, gate heldout: step size of w per held-out update
+    gate_every: int = Field(50, gt=0)  # hybrid, gate heldout: training steps between held-out updates
 
     @field_validator("name")
     @classmethod
@@ -400,12 +416,73 @@ class LossConfig(BaseModel):
     def training_fields(self) -> dict:
         """The name and the options this loss reads (another loss's option changes nothing)."""
         fields = {"name": self.name} | {field: getattr(self, field) for field in _OPTIONS[self.name]}
-        return fields | ({"gate": self.gate} if self.name == "hybrid" else {})
+        if self.name != "hybrid":
+            return fields
+        return fields | {"gate": self.gate} | {field: getattr(self, field) for field in _GATE_OPTIONS[self.gate]}
 
 
-def make_gate(cfg: LossConfig, *, d_model: int) -> HybridGate | None:
+# The LossConfig fields each hybrid gate reads (scalar and token read none, so their fingerprints are unchanged).
+_GATE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "scalar": (), "token": (), "fixed": ("g",), "uncertainty": (), "heldout": ("gate_lr", "gate_every"),
+}
+
+
+def make_gate(cfg: LossConfig, *, d_model: int) -> Gate | None:
     """The gate the ``hybrid`` loss needs (``None`` for every other loss)."""
-    return HybridGate(cfg.gate, d_model=d_model) if cfg.name == "hybrid" else None
+    if cfg.name != "hybrid":
+        return None
+    if cfg.gate == "fixed":
+        return FixedGate(cfg.g)
+    if cfg.gate == "uncertainty":
+        return UncertaintyGate()
+    if cfg.gate == "heldout":
+        return HeldoutGate(lr=cfg.gate_lr, every=cfg.gate_every)
+    return HybridGate(cfg.gate, d_model=d_model)
+
+
+def heldout_gate_step(
+    cfg: LossConfig,
+    model: torch.nn.Module,
+    train_batch: dict,
+    valid_batches: list[dict],
+    *,
+    logits_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+    all_reduce: Callable[[torch.Tensor], object] | None = None,
+) -> bool:
+    """Call once per training step, before the training loss: a due ``HeldoutGate`` (``model.kd_gate``) steps.
+
+    On this step's training batch it takes the gradients of the summed token and sentence losses (the two
+    terms of the hybrid, with the ``cfg`` options; times the batch's ``weight``); on one held-out batch
+    (``valid_batches`` cycled by the gate's update count; NLL on its references) the held-out gradient; the
+    gate then moves along their cosine (:class:`trainers.gates.HeldoutGate`). Dropout is off for these
+    passes, and ``torch.autograd.grad`` leaves the parameters' ``.grad`` alone, so the training step that
+    follows is unaffected but for the new ``g``. Returns whether the gate stepped.
+    """
+    gate = getattr(model, "kd_gate", None)
+    if not isinstance(gate, HeldoutGate) or not gate.tick():
+        return False
+    params = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("kd_gate.")]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logits, labels = logits_fn(model, train_batch), train_batch["labels"]
+            weight = train_batch.get("weight", 1.0)
+            tok = _token_kd_map(logits, train_batch, temperature=cfg.temperature, tail=cfg.tail, alpha=1.0,
+                                label_smoothing=0.0)
+            sent = _sentence_map(logits, train_batch, weighting=cfg.weighting, label_smoothing=cfg.label_smoothing)
+            grad_tok = torch.autograd.grad(_reduce(tok, labels, "sum") * weight, params, retain_graph=True,
+                                           allow_unused=True)
+            grad_sent = torch.autograd.grad(_reduce(sent, labels, "sum") * weight, params, allow_unused=True)
+            grad_valid = None
+            if valid_batches:
+                held = valid_batches[int(gate.updates) % len(valid_batches)]
+                grad_valid = torch.autograd.grad(nll(logits_fn(model, held), held["labels"], reduction="sum"),
+                                                 params, allow_unused=True)
+    finally:
+        model.train(was_training)
+    gate.update(grad_tok, grad_sent, grad_valid, params, all_reduce=all_reduce)
+    return True
 
 
 def compute_loss(
@@ -413,7 +490,7 @@ def compute_loss(
     logits: torch.Tensor,
     batch: dict,
     *,
-    gate: HybridGate | None = None,
+    gate: Gate | None = None,
     hidden: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
@@ -427,7 +504,7 @@ def compute_loss(
         return nll(logits, batch["labels"], reduction=reduction, **kwargs)
     if cfg.name == "hybrid":
         if gate is None:
-            raise ValueError("the hybrid loss needs a HybridGate (see make_gate)")
+            raise ValueError("the hybrid loss needs a gate: a HybridGate or one of trainers.gates (see make_gate)")
         return hybrid(logits, batch, gate, hidden=hidden, reduction=reduction, **kwargs)
     return get_loss(cfg.name)(logits, batch, reduction=reduction, **kwargs)
 

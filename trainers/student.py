@@ -89,8 +89,8 @@ def _worker_loop(config: dict) -> None:
     from pipeline.tokenizer import Tokenizer
     from trainers.checkpoint import append_metrics
     from trainers.data import collate, worker_slice
-    from trainers.loop import Dist, fit, unwrap
-    from trainers.losses import compute_loss, make_gate, nll
+    from trainers.loop import Dist, fit, to_device, unwrap
+    from trainers.losses import compute_loss, heldout_gate_step, make_gate, marian_logits, nll
     from trainers.models import build_marian, resolve_size
     from trainers.teacher import load_pairs, make_batches
 
@@ -128,6 +128,9 @@ def _worker_loop(config: dict) -> None:
         return batches
 
     def loss_fn(model, batch):
+        # The heldout gate steps on held-out data every gate_every steps (a no-op for the other gates).
+        heldout_gate_step(cfg.loss, unwrap(model), batch, valid_share, logits_fn=marian_logits,
+                          all_reduce=torch.distributed.all_reduce if dist.world_size > 1 else None)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     decoder_input_ids=batch["decoder_input_ids"],
                     decoder_attention_mask=batch["decoder_attention_mask"], output_hidden_states=needs_hidden)
@@ -144,13 +147,15 @@ def _worker_loop(config: dict) -> None:
 
     vsrc, vtgt = load_pairs(cfg.valid, tok, max_positions)  # cut (not skipped) like the teacher's valid split
     valid = make_batches(vsrc, vtgt, pad_id=pad_id, max_tokens=opt.max_tokens, seed=0, epoch=0, shuffle=False)
+    heldout = cfg.loss.name == "hybrid" and cfg.loss.gate == "heldout"
+    valid_share = [to_device(b, device) for b in valid[dist.rank::dist.world_size]] if heldout else []  # its data
     bleu_pairs = pq.read_table(cfg.valid, columns=["source", "target"]).slice(0, cfg.bleu_sentences).to_pylist()
     last_bleu = {"bucket": 0}
 
     def on_validate(record: dict) -> None:
         gate = getattr(unwrap(model), "kd_gate", None)
         if gate is not None:
-            record["gate"] = gate.last_value()
+            record |= gate.log_values()  # gate = the token weight; uncertainty: both σ; heldout: its updates
         bucket = record["step"] // cfg.bleu_every if cfg.bleu_every else 0
         if bucket > last_bleu["bucket"] or opt.select_by == "valid_bleu":
             last_bleu["bucket"] = bucket
