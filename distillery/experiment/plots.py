@@ -55,6 +55,14 @@ def _teacher_lines(ax, teacher: Aggregate | None) -> None:
     ax.axhline(0.95 * bleu, color="black", linestyle="--", linewidth=1, label="95 % of teacher")
 
 
+def _draw_series(ax, series: dict, x: str) -> None:
+    """One line per series: mean BLEU against the aggregate attribute ``x``, CI error bars."""
+    for i, (label, line) in enumerate(series.items()):
+        line = sorted(line, key=lambda a: getattr(a, x))
+        ax.errorbar([getattr(a, x) for a in line], [a.stat("bleu").mean for a in line], yerr=_yerr(line),
+                    marker="o", capsize=3, label=label, color=_color(i, len(series)))
+
+
 def bleu_vs_parameters(aggs: Sequence[Aggregate], teacher: Aggregate | None, path: Path) -> Plot:
     """BLEU against student parameters (log x), one line per method (and decoding/noise where those vary); only
     the clean-data students where the grid has any (the noise plot shows the rest)."""
@@ -65,10 +73,7 @@ def bleu_vs_parameters(aggs: Sequence[Aggregate], teacher: Aggregate | None, pat
         return Plot(title, note=f"{title}: not drawn, every student of this grid has the same size.")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = _series(students, ("decoding", "noise_label"))
-    for i, (label, line) in enumerate(series.items()):
-        line = sorted(line, key=lambda a: a.parameters)
-        ax.errorbar([a.parameters for a in line], [a.stat("bleu").mean for a in line], yerr=_yerr(line),
-                    marker="o", capsize=3, label=label, color=_color(i, len(series)))
+    _draw_series(ax, series, "parameters")
     _teacher_lines(ax, teacher)
     ax.set_xscale("log")
     sizes = sorted({a.parameters for a in students})
@@ -91,10 +96,7 @@ def bleu_vs_noise(aggs: Sequence[Aggregate], teacher: Aggregate | None, path: Pa
     for ax, kind in zip(axes[0], kinds, strict=True):
         panel = [a for a in students if a.clean or a.noise_kind == kind]
         series = _series(panel, ("size", "decoding"))
-        for i, (label, line) in enumerate(series.items()):
-            line = sorted(line, key=lambda a: a.noise_rate)
-            ax.errorbar([a.noise_rate for a in line], [a.stat("bleu").mean for a in line], yerr=_yerr(line),
-                        marker="o", capsize=3, label=label, color=_color(i, len(series)))
+        _draw_series(ax, series, "noise_rate")
         _teacher_lines(ax, teacher)
         ax.set(xlabel=f"{kind} rate per word", title=f"noise: {kind}")
         ax.grid(True, alpha=0.3)
