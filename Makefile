@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 WORK   ?= work/demo
 
-TEACHER_WORK := work/teacher  # the paths recipes/teacher-bible-de-en.yaml names
+# The paths recipes/teacher-bible-de-en.yaml names (a comment after the value would end up in it).
+TEACHER_WORK := work/teacher
 
 .PHONY: setup demo demo-full teacher test test-fast lint clean
 

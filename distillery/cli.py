@@ -426,7 +426,8 @@ def experiment(
     quick: Annotated[bool, typer.Option(help="run the grid's quick variant (a slice that takes minutes)")] = False,
     cache: Annotated[Path | None, typer.Option(help="unit cache shared by grids (default "
                                                "$DISTILLERY_EXPERIMENT_CACHE or work/experiments/cache)")] = None,
-    out: Annotated[Path | None, typer.Option(help="results directory (default work/experiments/NAME)")] = None,
+    out: Annotated[Path | None, typer.Option(help="results directory (default work/experiments/NAME); the markers "
+                                             "of its finished units (units/) are imported into the cache")] = None,
     plan: Annotated[bool, typer.Option(help="list the units and what is cached; run nothing")] = False,
 ) -> None:
     """Run a grid of students (size × method × noise × teacher decoding × seed); finished units are reused.
@@ -437,17 +438,31 @@ def experiment(
 
     from .experiment.grid import GridSpec, expand
     from .experiment.progress import GridProgress
-    from .experiment.runner import GridError, default_cache, prepare_inputs, read_marker, run_grid, write_outputs
+    from .experiment.runner import (
+        GridError,
+        default_cache,
+        import_markers,
+        plan_units,
+        prepare_inputs,
+        read_marker,
+        run_grid,
+        write_outputs,
+    )
 
     quiet_libraries()
     grid = load_config(grid_file, GridSpec)
     grid = grid.quick_variant() if quick else grid
     cache = (cache or default_cache()).resolve()
     out = out or Path("work/experiments") / grid.name
+    if imported := import_markers(out, cache):
+        console.print(f"{imported} finished units imported from {out / 'units'}")
     if plan:
         inputs, _ = prepare_inputs(grid, cache)
-        for unit in expand(grid, inputs):
-            state = "cached" if read_marker(cache, unit) else "to run"
+        units = expand(grid, inputs)
+        markers = {u.key: m for u in units if (m := read_marker(cache, u)) is not None}
+        todo = {u.key for u in plan_units(units, markers)}
+        for unit in units:
+            state = "to run" if unit.key in todo else "cached"
             console.print(f"{unit.name:<26} {state:<7} {unit.coords}", highlight=False)
         return
     console.print(f"grid {grid.name}: cache {cache}, results → {out}")
@@ -460,7 +475,7 @@ def experiment(
 
     run = run_grid(grid, cache=cache, on_update=on_update)
     command = f"distillery experiment {grid_file}" + (" --quick" if quick else "")
-    files = write_outputs(grid, run, out, command=command)
+    files = write_outputs(grid, run, out, cache=cache, command=command)
     console.print(f"{len(run.ran)} units run, {len(run.reused)} reused → " + ", ".join(str(f) for f in files))
     if run.failed or run.blocked:
         details = "; ".join(f"{name}: {error}" for name, error in run.failed.items())

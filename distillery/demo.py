@@ -42,8 +42,9 @@ def run_demo(workdir: Path, *, full: bool, console: Console, quick: bool = False
         progress = progress or GridProgress(console, len(run.units) - len(run.reused))
         progress(run, running)
 
-    run = run_grid(grid, cache=workdir / "cache", on_update=on_update)
-    files = write_outputs(grid, run, workdir / grid.name, command="make demo" + ("-full" if full else ""))
+    cache = workdir / "cache"
+    run = run_grid(grid, cache=cache, on_update=on_update)
+    files = write_outputs(grid, run, workdir / grid.name, cache=cache, command="make demo" + ("-full" if full else ""))
     Console().print(results_table(run.rows))
     console.print(f"{len(run.ran)} units run, {len(run.reused)} reused in {(time.monotonic() - started) / 60:.1f} "
                   f"min → {', '.join(str(f) for f in files if f.suffix in ('.md', '.csv'))}")

@@ -102,9 +102,10 @@ class GridSpec(BaseModel):
                                            "model_info.json in the teacher directory)")
     data: Path = Field(description="a `data prepare` directory (train/valid/test.parquet), or `bundled`: the "
                        "bundled de→en Bible corpus, prepared into the cache with its chapter split")
-    train_rows: int | None = Field(None, gt=0, description="distil and train on the first N training pairs")
-    valid_rows: int | None = Field(None, gt=0)
-    test_rows: int | None = Field(None, gt=0)
+    # Slices are spread evenly over their split (runner._slice), never its head.
+    train_rows: int | None = Field(None, gt=0, description="distil and train on N training pairs")
+    valid_rows: int | None = Field(None, gt=0, description="validate students on N valid pairs")
+    test_rows: int | None = Field(None, gt=0, description="evaluate every model on N test pairs")
     sizes: list[str | ModelSize] = Field(min_length=1, description="student presets or explicit shapes")
     methods: list[str | LossConfig] = Field(min_length=1, description="loss names or full loss configs")
     noise: list[NoisePoint] = Field([NoisePoint()], min_length=1)

@@ -79,14 +79,53 @@ def read_marker(cache: Path, unit: Unit) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _has_output(unit: Unit, marker: dict) -> bool:
+    """Whether a finished unit's output is still on disk: an eval unit's result is its marker; a dataset or a
+    student lives beside it and is gone when the marker came from a results directory (another machine)."""
+    if unit.kind == "distill":
+        return (Path(marker["store"]) / marker["dataset"]).is_dir()
+    if unit.kind == "student":
+        return Path(marker["model"]).is_dir()
+    return True
+
+
+def plan_units(units: list[Unit], markers: dict[str, dict]) -> list[Unit]:
+    """The units to run: those without a marker, and the finished ones whose output a unit to run needs but
+    which is no longer on disk (re-running them is exact: datasets and students are deterministic)."""
+    todo = {u.key for u in units if u.key not in markers}
+    by_key = {u.key: u for u in units}
+    for unit in reversed(units):  # expand() lists dependencies first: dependants are seen before their needs
+        if unit.key in todo:
+            todo.update(k for k in unit.needs if k in markers and not _has_output(by_key[k], markers[k]))
+    return [u for u in units if u.key in todo]
+
+
+def import_markers(source: Path, cache: Path) -> int:
+    """Copies the markers a results directory carries (``units/``) into ``cache``, where none exists yet; a
+    committed results directory thus lets a fresh clone resume its grid. Returns how many were copied."""
+    copied = 0
+    for path in sorted((source / UNIT_DIR).glob("*.json")):
+        target = cache / UNIT_DIR / path.name
+        if not target.exists():
+            _write_json_atomic(target, json.loads(path.read_text()))
+            copied += 1
+    return copied
+
+
+SLICING = "spread"  # part of a slice's identity: how its rows are chosen
+
+
 def _slice(src: Path, rows: int | None, out: Path) -> Path:
-    """``src`` itself, or its first ``rows`` rows written once to ``out``."""
+    """``src`` itself, or ``rows`` of its rows spread evenly over it, written once to ``out``. Evenly, not the
+    first ones: a prepared split keeps the corpus order (the Bible's books), so a head would be a few books."""
     if rows is None:
         return src
     if not out.is_file():
+        table = pq.read_table(src)
+        n = table.num_rows
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        pq.write_table(pq.read_table(src).slice(0, rows), tmp)
+        pq.write_table(table.take([i * n // rows for i in range(rows)]) if rows < n else table, tmp)
         tmp.replace(out)
     return out
 
@@ -112,8 +151,9 @@ def prepare_inputs(grid: GridSpec, cache: Path) -> tuple[Inputs, Paths]:
             raise InputError(f"grid {grid.name!r}: {path} not found (data: a `distillery data prepare` directory)")
         rows = getattr(grid, f"{split}_rows")
         source_hash = file_hash(path)
-        key = content_key("slice", {"source": source_hash, "rows": rows})
-        splits[split] = (_slice(path, rows, cache / "data" / key / f"{split}.parquet"), f"{source_hash}:{rows}")
+        key = content_key("slice", {"source": source_hash, "rows": rows, "slicing": SLICING})
+        identity = source_hash if rows is None else f"{source_hash}:{rows}:{SLICING}"
+        splits[split] = (_slice(path, rows, cache / "data" / key / f"{split}.parquet"), identity)
     inputs = Inputs(teacher_hash=model_hash(grid.teacher), vocab_hash=vocab_hash,
                     train_hash=splits["train"][1], valid_hash=splits["valid"][1], test_hash=splits["test"][1])
     return inputs, Paths(cache=cache, teacher=grid.teacher, train=splits["train"][0], valid=splits["valid"][0],
@@ -286,8 +326,10 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
     for unit in units:
         if (marker := read_marker(cache, unit)) is not None:
             results[unit.key] = marker
-            run.reused.append(unit.name)
-    todo = [u for u in units if u.key not in results]
+    todo = plan_units(units, results)
+    for unit in todo:
+        results.pop(unit.key, None)
+    run.reused = [u.name for u in units if u.key in results]
     if not todo:
         run.rows = result_rows(grid, units, results)
         return run
@@ -329,12 +371,16 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
     return run
 
 
-def write_outputs(grid: GridSpec, run: GridRun, out: Path, *, command: str) -> list[Path]:
-    """results.csv, results.md and the plots of a grid run, in ``out`` (the report module renders them)."""
+def write_outputs(grid: GridSpec, run: GridRun, out: Path, *, cache: Path, command: str) -> list[Path]:
+    """results.csv, results.md and the plots of a grid run, in ``out`` (the report module renders them), and
+    the markers of its finished units in ``out/units/``."""
     from . import report
 
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(run.rows, out / "results.csv")
+    for unit in run.units:  # the finished units' markers travel with the results (import_markers)
+        if (marker := read_marker(cache, unit)) is not None:
+            _write_json_atomic(out / UNIT_DIR / f"{unit.name}.json", marker)
     if run.rows:  # nothing evaluated yet (every unit failed): the failures are what the caller reports
         report.write_markdown(run.rows, out / "results.md", title=f"Grid {grid.name}", command=command)
     (out / "units.json").write_text(json.dumps({

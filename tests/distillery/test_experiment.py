@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def _markers(cache: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_local, tmp_path):
-    from distillery.experiment.runner import run_grid
+    from distillery.experiment.runner import import_markers, run_grid, write_outputs
 
     cache = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-m", "distillery.cli", "experiment", str(tiny_grid), "--cache",
@@ -144,6 +145,21 @@ def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_loc
     assert again.ran == [] and set(again.reused) == every
     assert again.rows == rows
 
+    # The markers travel with the results directory: a fresh clone's cache imports them, and extending the grid
+    # by a seed runs only the new units plus the dataset they need, which went with the old machine's cache.
+    write_outputs(grid, again, tmp_path / "results", cache=cache, command="test")
+    shutil.rmtree(cache / "datasets")
+    fresh = tmp_path / "fresh"
+    assert import_markers(tmp_path / "results", fresh) == len(every)
+    extended = run_grid(grid.model_copy(update={"seeds": [1, 2, 3]}), cache=fresh)
+    new = {u.name for u in extended.units} - every
+    dataset = next(name for name in every if name.startswith("distill-"))
+    assert len(new) == 4 and set(extended.ran) == new | {dataset}, "two students and their evals, one dataset"
+    assert set(extended.reused) == every - {dataset} and not extended.failed
+    redistilled = json.loads((fresh / "units" / f"{dataset}.json").read_text())["dataset_hash"]
+    assert redistilled == json.loads((cache / "units" / f"{dataset}.json").read_text())["dataset_hash"]
+    assert [r for r in extended.rows if r.seed != 3] == rows
+
 
 @pytest.mark.slow
 def test_a_failed_unit_is_reported_with_its_log_and_blocks_only_its_dependants(tiny_grid, ray_local, tmp_path):
@@ -167,3 +183,19 @@ def test_a_failed_unit_is_reported_with_its_log_and_blocks_only_its_dependants(t
     summary = json.loads((out / "units.json").read_text())
     assert len(summary["ran"]) == 2 and len(summary["blocked"]) == 1  # the dataset and the teacher's eval ran
     assert (out / "results.csv").read_text().count("\n") == 2  # header + the teacher's row
+
+
+def test_a_slice_spreads_over_its_whole_split(tmp_path):
+    """Prepared splits keep the corpus order (the Bible's books): a slice must sample all of it, not its head."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distillery.experiment.runner import _slice
+
+    src = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"id": [f"{book}.{verse}" for book in range(1, 11) for verse in range(100)]}), src)
+    ids = pq.read_table(_slice(src, 50, tmp_path / "s" / "train.parquet"))["id"].to_pylist()
+    assert len(ids) == 50 == len(set(ids))
+    assert {i.split(".")[0] for i in ids} == {str(book) for book in range(1, 11)}, "every book is in the slice"
+    assert _slice(src, None, tmp_path / "x.parquet") == src
+    assert pq.read_table(_slice(src, 5000, tmp_path / "all" / "train.parquet")).num_rows == 1000
