@@ -340,7 +340,9 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
     all_cpus = int(ray.cluster_resources().get("CPU", 1))
     refs: dict[str, ray.ObjectRef] = {}
     pending: dict[ray.ObjectRef, Unit] = {}
-    for unit in todo:  # expand() lists dependencies first
+    # Seed by seed (stable, so dependencies still come first): an interrupted grid has whole seeds finished.
+    todo.sort(key=lambda u: u.coords.get("seed") or 0)
+    for unit in todo:
         deps = [refs[k] if k in refs else results[k] for k in unit.needs]
         cpus = all_cpus if unit.kind == "eval" and grid.eval.exclusive else 0
         ref = remote.options(num_cpus=cpus, max_retries=0, name=unit.name).remote(unit, grid_json, paths, *deps)
