@@ -429,6 +429,8 @@ def experiment(
     out: Annotated[Path | None, typer.Option(help="results directory (default work/experiments/NAME); the markers "
                                              "of its finished units (units/) are imported into the cache")] = None,
     plan: Annotated[bool, typer.Option(help="list the units and what is cached; run nothing")] = False,
+    collect: Annotated[bool, typer.Option(help="write the results of the units finished so far; run nothing "
+                                          "(e.g. while the grid runs elsewhere, or to commit a partial grid)")] = False,
 ) -> None:
     """Run a grid of students (size × method × noise × teacher decoding × seed); finished units are reused.
 
@@ -473,8 +475,14 @@ def experiment(
         progress = progress or GridProgress(console, len(run.units) - len(run.reused))
         progress(run, running)
 
-    run = run_grid(grid, cache=cache, on_update=on_update)
+    run = run_grid(grid, cache=cache, on_update=on_update, execute=not collect)
     command = f"distillery experiment {grid_file}" + (" --quick" if quick else "")
+    if collect:
+        missing = len(run.units) - len(run.reused)
+        console.print(f"{len(run.reused)} of {len(run.units)} units finished, {missing} not run (--collect)")
+        files = write_outputs(grid, run, out, cache=cache, command=command)
+        console.print("→ " + ", ".join(str(f) for f in files))
+        return
     files = write_outputs(grid, run, out, cache=cache, command=command)
     console.print(f"{len(run.ran)} units run, {len(run.reused)} reused → " + ", ".join(str(f) for f in files))
     if run.failed or run.blocked:

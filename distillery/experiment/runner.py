@@ -302,13 +302,15 @@ def result_rows(grid: GridSpec, units: list[Unit], results: dict[str, dict]) -> 
     return rows
 
 
-def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_update=None) -> GridRun:
+def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_update=None,
+             execute: bool = True) -> GridRun:
     """Runs every unit of ``grid`` that has no marker in ``cache``, in dependency order, on Ray.
 
     Args:
         cache: the unit cache (shared between grids).
         address: Ray cluster (default ``RAY_ADDRESS`` or an embedded local Ray).
         on_update: called as ``on_update(run, running)`` whenever a unit starts or ends (progress display).
+        execute: False runs nothing: the rows are those of the units already finished (a partial grid).
 
     Returns:
         What was reused, run, failed or blocked, and the result rows of every finished eval unit.
@@ -330,7 +332,7 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
     for unit in todo:
         results.pop(unit.key, None)
     run.reused = [u.name for u in units if u.key in results]
-    if not todo:
+    if not todo or not execute:
         run.rows = result_rows(grid, units, results)
         return run
 

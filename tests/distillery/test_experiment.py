@@ -120,6 +120,10 @@ def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_loc
     finished = _markers(cache)
     grid = GridSpec.model_validate(yaml.safe_load(tiny_grid.read_text()))
 
+    partial = run_grid(grid, cache=cache, execute=False)  # --collect: the finished evaluations' rows, nothing run
+    assert partial.ran == [] and set(partial.reused) == set(finished) and _markers(cache) == finished
+    assert len(partial.rows) == sum(name.startswith("eval-") for name in finished)
+
     resumed = run_grid(grid, cache=cache)
     every = {u.name for u in resumed.units}
     assert len(every) == 1 + 4 + 5  # one dataset, 2 methods × 2 seeds, an eval of each and of the teacher
