@@ -226,3 +226,36 @@ def test_cli_export_refuses_writes_nothing_and_has_escapes(trained_start_row, tm
     code, text = invoke("export", trained_start_row["hf"], "--out", tmp_path / "unchecked", "--no-check")
     assert code == 0 and "not checked: --no-check" in text, text
     assert (tmp_path / "unchecked" / "model.bin").is_file()
+
+
+def test_int8_export_of_a_sharp_model_is_checked_in_float32_and_its_rounding_only_measured(opus_teacher, tmp_path):
+    """A trained student's int8 rounding can exceed any fixed quantized tolerance (its distributions are sharp): the
+    export proves the conversion on the float32 model, then reports the rounding gap instead of refusing it. Here the
+    teacher's decoder output is scaled 30x (sharp logits, the same computation otherwise)."""
+    from transformers import MarianMTModel
+
+    model = MarianMTModel.from_pretrained(opus_teacher["hf"])
+    with torch.no_grad():
+        norm = model.get_decoder().layers[-1].final_layer_norm
+        norm.weight *= 30
+        norm.bias *= 30
+    model.save_pretrained(tmp_path / "sharp")
+    for name in MARIAN_TOKENIZER_FILES:
+        shutil.copy2(opus_teacher["tokenizer"] / name, tmp_path / "sharp" / name)
+
+    checks = []
+    out = export_ct2(tmp_path / "sharp", tmp_path / "ct2", quantization="int8", on_check=checks.append)
+    exact, rounded = checks
+    assert exact.tier == EXACT and exact.passed and exact.max_abs < TOLERANCES[EXACT].max_abs
+    assert rounded.tier == QUANTIZED and not rounded.judged and rounded.passed
+    # the rounding gap is past the quantized tolerance, which refuses the same model when asked to judge it
+    assert rounded.mean_abs > TOLERANCES[QUANTIZED].mean_abs
+    judged = check_parity(out, tmp_path / "sharp")
+    assert not judged.passed and judged.mean_abs == pytest.approx(rounded.mean_abs)
+    assert "not judged" in rounded.summary() and sorted(p.name for p in tmp_path.iterdir()) == ["ct2", "sharp"]
+
+
+def test_int8_export_refuses_a_wrong_conversion_through_its_float32_check(trained_start_row, tmp_path):
+    with pytest.raises(ParityError, match="non-zero embedding row"):
+        export_ct2(trained_start_row["hf"], tmp_path / "ct2", quantization="int8")
+    assert list(tmp_path.iterdir()) == []  # neither the float32 check nor the int8 model left behind
