@@ -3,6 +3,7 @@ checkpoint's own forward (``trainers.parity``) before the model is moved into pl
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,9 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
                zero_pad_embedding: bool = False, sentences: list[tuple[str, str]] | None = None,
                on_check: Callable[[ParityResult], None] | None = None) -> Path:
     """Converts a Hugging Face Marian checkpoint directory to a CTranslate2 model directory.
+
+    A pruned student (``trainers.glu``: ``ffn_widths`` in its config) is converted with each layer trimmed to its
+    own FFN width, so the CTranslate2 model holds only the kept channels.
 
     The tokenizer files are copied beside the converted model so the directory is self-contained:
     every command accepts it as ``--model`` without a separate ``--tokenizer``. The model is converted into a
@@ -43,14 +47,17 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
         ``out`` as a Path.
 
     Raises:
-        ExportError: not a checkpoint, an unknown quantization, a conversion error.
+        ExportError: not a checkpoint, an unknown quantization, a conversion error, a gated student not pruned.
         ParityError: the converted model does not compute what the checkpoint computes; nothing is written.
     """
-    from ctranslate2.converters import TransformersConverter
-
     checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / "config.json").is_file():
         raise ExportError(f"{checkpoint} is not a Hugging Face checkpoint (no config.json)")
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("ffn_gates") is not None:
+        raise ExportError(f"{checkpoint} is a gated student (ffn_gates): its gates are not part of a Marian model, "
+                          "so converting it would drop them. Export its pruned checkpoint (RUN/pruned, written by "
+                          "`distillery train`; trainers.glu.prune_checkpoint makes one)")
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
     tmp = out.with_name(out.name + ".tmp")
@@ -61,7 +68,7 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
         try:
             with warnings.catch_warnings():  # the converter loads a MarianTokenizer: see pipeline.tokenizer
                 warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
-                TransformersConverter(str(source)).convert(
+                _converter(str(source), trim=config.get("ffn_widths") is not None).convert(
                     str(tmp), quantization=None if quantization == "float32" else quantization, force=True
                 )
         except Exception as exc:  # the converter raises bare Exceptions; name the checkpoint
@@ -82,6 +89,23 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _converter(checkpoint: str, *, trim: bool):
+    """CTranslate2's ``TransformersConverter``; with ``trim``, one that converts the model with its FFN padding
+    dropped (``trainers.glu.trim_ffn``: a pruned student's per-layer widths, which CTranslate2 runs)."""
+    from ctranslate2.converters import TransformersConverter
+
+    if not trim:
+        return TransformersConverter(checkpoint)
+
+    class TrimmedConverter(TransformersConverter):
+        def load_model(self, model_class, model_name_or_path, **kwargs):
+            from trainers.glu import trim_ffn
+
+            return trim_ffn(super().load_model(model_class, model_name_or_path, **kwargs))
+
+    return TrimmedConverter(checkpoint)
 
 
 def _zero_start_row(checkpoint: Path, copy: Path) -> Path:
