@@ -127,5 +127,8 @@ def build_marian(size: str | ModelSize, *, vocab_size: int, pad_id: int, eos_id:
 
 
 def count_parameters(model) -> int:
-    """Unique trainable parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Unique trained parameters: tied embeddings once, the fixed sinusoidal positions never (a model built here
+    freezes them, but ``from_pretrained`` loads them back as trainable)."""
+    fixed = {id(p) for m in model.modules() if type(m).__name__.endswith("SinusoidalPositionalEmbedding")
+             for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in fixed)

@@ -168,6 +168,8 @@ def _worker_loop(config: dict) -> None:
         ffn_gates = getattr(unwrap(model), "ffn_gates", None)
         if ffn_gates is not None:
             record |= ffn_gates.log_values()  # kept fraction and per-layer widths at eval, expected kept fraction
+            # best/ is chosen among models at their budget: before it, a wider model would win on loss and be reported
+            record["selectable"] = record["ffn_target"] <= ffn_gates.cfg.budget + 1e-9
         bucket = record["step"] // cfg.bleu_every if cfg.bleu_every else 0
         if bucket > last_bleu["bucket"] or opt.select_by == "valid_bleu":
             last_bleu["bucket"] = bucket
