@@ -19,7 +19,12 @@ What was measured, 70 Adam steps on one random batch of a toy model (``tests/tra
 40-step ramp, 0.24 / 0.23 without); at penalty 10 the gates slide down together (Adam moves each gate by about its
 learning rate whatever the gradient's size) and end half-open in training but closed at eval (expected 0.19, at
 eval 0.05 with the ramp; 0.04 / 0.00 without): the pruned model loses nearly everything. Nothing is tuned on real
-data yet; watch ``ffn_open`` against ``ffn_expected_open`` in ``metrics.jsonl``.
+data yet; watch ``ffn_open`` against ``ffn_expected_open`` in ``metrics.jsonl``. Through the student trainer on
+the test corpus (a 32-wide toy, 60–120 steps) the same sliding shows: at lr_scale 50 the expected kept fraction fell
+to 0.34 with every eval gate still open (log α just above −2.4, gates ≈ 0.01: the FFNs nearly off, nothing pruned);
+at lr_scale 100 it fell to 0.20 with 2 of 128 channels open at eval. Short runs do not separate useful channels from
+useless ones; whether long runs do is the open question (a top-k rule at eval, or a slower gate optimiser, are the
+candidates if they do not).
 
 Pruning (:func:`prune`) is exact: a channel whose eval gate is 0 contributes nothing and is dropped (its ``fc1``
 row and bias, its ``fc2`` column); a kept channel's gate is folded into its ``fc2`` column. CTranslate2 takes

@@ -230,18 +230,19 @@ def test_pruned_ct2_int8_export_is_smaller_and_decodes_like_the_gated_student(ti
 @pytest.mark.slow
 def test_gated_student_trains_prunes_exports_and_reports_the_pruned_count(ray_local, tiny_data, tiny_tokenizer,
                                                                           tmp_path):
-    """Through ``train_student`` (the nll baseline from references: no teacher needed): the gates close to the
-    budget, best/ is pruned into pruned/, the CT2 model is that, and results.json counts it."""
+    """Through ``train_student`` (the nll baseline from references: no teacher needed): gates close, best/ (chosen
+    after the ramp) is pruned into pruned/, the CT2 model is that, and results.json counts it. The plumbing only:
+    on 60 steps the gates slide down together and nearly all close at eval (see ``trainers.glu``)."""
     from trainers.export import ExportError, export_ct2
     from trainers.loop import OptimConfig
     from trainers.losses import LossConfig
     from trainers.student import StudentConfig, train_student
 
     size = ModelSize(d_model=32, encoder_layers=1, decoder_layers=1, heads=2, ffn_dim=64, dropout=0.0,
-                     ffn_gates=FFNGates(budget=0.3, penalty=1.0, ramp_steps=40, lr_scale=50.0))
+                     ffn_gates=FFNGates(budget=0.3, penalty=1.0, ramp_steps=30, lr_scale=100.0))
     cfg = StudentConfig(corpus=tiny_data / "train.parquet", valid=tiny_data / "valid.parquet",
                         tokenizer=tiny_tokenizer.path, out=tmp_path / "run", size=size, loss=LossConfig(name="nll"),
-                        optim=OptimConfig(max_steps=120, eval_every=30, checkpoint_every=30, warmup_steps=2,
+                        optim=OptimConfig(max_steps=60, eval_every=20, checkpoint_every=20, warmup_steps=2,
                                           max_tokens=1500, lr=3e-3))
     results = train_student(cfg)
     run = tmp_path / "run"
@@ -258,8 +259,9 @@ def test_gated_student_trains_prunes_exports_and_reports_the_pruned_count(ray_lo
     valid = [e for e in valid if e["event"] == "valid"]
     assert valid[0]["ffn_target"] > valid[-1]["ffn_target"] == pytest.approx(0.3)
     # best/ is chosen only among models at their budget (step 20, narrower target, lower loss, is passed over)
-    assert [e["selectable"] for e in valid] [:2] == [False, True] and results["selected_step"] >= 40
+    assert [e["selectable"] for e in valid] == [False] + [True] * (len(valid) - 1) and results["selected_step"] >= 30
     selected = next(e for e in valid if e["step"] == results["selected_step"])  # best/: what was pruned
-    assert 0 < selected["ffn_open"] < 0.6 and selected["ffn_widths"] == widths
+    assert 0 < selected["ffn_open"] < 0.6  # a layer keeps at least one (zero) channel: never empty
+    assert {k: [max(1, w) for w in v] for k, v in selected["ffn_widths"].items()} == widths
     with pytest.raises(ExportError, match="gated student"):
         export_ct2(run / "best", tmp_path / "refused")
