@@ -3,6 +3,7 @@ checkpoint's own forward (``trainers.parity``) before the model is moved into pl
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,9 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
                zero_pad_embedding: bool = False, sentences: list[tuple[str, str]] | None = None,
                on_check: Callable[[ParityResult], None] | None = None) -> Path:
     """Converts a Hugging Face Marian checkpoint directory to a CTranslate2 model directory.
+
+    A pruned student (``trainers.glu``: ``ffn_widths`` in its config) is converted with each layer trimmed to its
+    own FFN width, so the CTranslate2 model holds only the kept channels.
 
     The tokenizer files are copied beside the converted model so the directory is self-contained:
     every command accepts it as ``--model`` without a separate ``--tokenizer``. The model is converted into a
@@ -45,12 +49,17 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
         ``out`` as a Path.
 
     Raises:
-        ExportError: not a checkpoint, an unknown quantization, a conversion error.
+        ExportError: not a checkpoint, an unknown quantization, a conversion error, a gated student not pruned.
         ParityError: the converted model does not compute what the checkpoint computes; nothing is written.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / "config.json").is_file():
         raise ExportError(f"{checkpoint} is not a Hugging Face checkpoint (no config.json)")
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("ffn_gates") is not None:
+        raise ExportError(f"{checkpoint} is a gated student (ffn_gates): its gates are not part of a Marian model, "
+                          "so converting it would drop them. Export its pruned checkpoint (RUN/pruned, written by "
+                          "`distillery train`; trainers.glu.prune_checkpoint makes one)")
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
     tmp = out.with_name(out.name + ".tmp")
@@ -59,20 +68,21 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         source = _zero_start_row(checkpoint, zeroed) if zero_pad_embedding else checkpoint
+        trim = config.get("ffn_widths") is not None  # a pruned student: its FFN padding is dropped
         label = f"{checkpoint} (decoder-start row zeroed)" if zero_pad_embedding else str(checkpoint)
         if check and quantization != "float32":
             # Conversion and rounding are checked apart: the float32 conversion must match exactly (a wrong mapping
             # shows at once), and the rounded model's gap is then only measured. Held to a fixed tolerance, the
             # gap refused correct int8 exports of trained students (0.22 nats/token mean: sharper distributions
             # amplify rounding), and no fixed limit separates rounding from a wrong mapping across models.
-            _convert(source, checkpoint, exact, "float32")
+            _convert(source, checkpoint, exact, "float32", trim=trim)
             copy_tokenizer_files(checkpoint, exact)
             result = check_parity(exact, source, sentences=sentences, hf_label=label)
             result.ct2_dir = out
             raise_on_mismatch(result)
             if on_check is not None:
                 on_check(result)
-        _convert(source, checkpoint, tmp, quantization)
+        _convert(source, checkpoint, tmp, quantization, trim=trim)
         copy_tokenizer_files(checkpoint, tmp)
         if check:
             result = check_parity(tmp, source, sentences=sentences, hf_label=label, judge=quantization == "float32")
@@ -91,17 +101,32 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
     return out
 
 
-def _convert(source: Path, checkpoint: Path, out: Path, quantization: str) -> None:
-    from ctranslate2.converters import TransformersConverter
-
+def _convert(source: Path, checkpoint: Path, out: Path, quantization: str, *, trim: bool) -> None:
     try:
         with warnings.catch_warnings():  # the converter loads a MarianTokenizer: see pipeline.tokenizer
             warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
-            TransformersConverter(str(source)).convert(
+            _converter(str(source), trim=trim).convert(
                 str(out), quantization=None if quantization == "float32" else quantization, force=True
             )
     except Exception as exc:  # the converter raises bare Exceptions; name the checkpoint
         raise ExportError(f"cannot convert {checkpoint}: {exc}") from exc
+
+
+def _converter(checkpoint: str, *, trim: bool):
+    """CTranslate2's ``TransformersConverter``; with ``trim``, one that converts the model with its FFN padding
+    dropped (``trainers.glu.trim_ffn``: a pruned student's per-layer widths, which CTranslate2 runs)."""
+    from ctranslate2.converters import TransformersConverter
+
+    if not trim:
+        return TransformersConverter(checkpoint)
+
+    class TrimmedConverter(TransformersConverter):
+        def load_model(self, model_class, model_name_or_path, **kwargs):
+            from trainers.glu import trim_ffn
+
+            return trim_ffn(super().load_model(model_class, model_name_or_path, **kwargs))
+
+    return TrimmedConverter(checkpoint)
 
 
 def _zero_start_row(checkpoint: Path, copy: Path) -> Path:

@@ -209,7 +209,8 @@ def fit(
         tokenizer_dir: copied into ``best/`` so the best model is self-contained.
         valid_loss_fn: validation loss (default ``loss_fn``); students validate with NLL on references.
         dist: rank and world size when several workers train together.
-        on_validate: called with each validation record (e.g. to log gate values or report to Ray).
+        on_validate: called with each validation record (e.g. to log gate values or report to Ray); setting
+            ``record["selectable"] = False`` keeps that model out of best/ and out of early stopping's count.
         device: where the model already is (or is moved to) and where batches are moved; with
             ``cfg.precision`` it decides autocast (``autocast_dtype``).
         fingerprint: ``checkpoint.fingerprint()`` of the config fields that change training; stored in every
@@ -253,7 +254,9 @@ def fit(
                   "elapsed_s": round(state.elapsed_s, 1)}
         if on_validate:
             on_validate(record)  # may add metrics, e.g. valid_bleu: it must come before the selection
-        if _improved(record, state, cfg.select_by):
+        if not record.get("selectable", True):
+            pass  # not yet the model it will be (a gated student before its budget): neither best nor patience
+        elif _improved(record, state, cfg.select_by):
             state.best_valid, state.best_bleu, state.best_step, state.bad_evals = (
                 valid, record.get("valid_bleu"), state.step, 0)
             if dist.is_main:
@@ -316,6 +319,11 @@ def fit(
         if dist.is_main:
             save_checkpoint(run_dir, unwrap(model), optimizer, scheduler, state, rng=rng, fingerprint=fingerprint)
     bar.close()
+    if state.best_step == 0 and state.history:  # no validation was selectable: best/ is the last model
+        last = state.history[-1]
+        state.best_valid, state.best_bleu, state.best_step = last["valid_loss"], last.get("valid_bleu"), last["step"]
+        if dist.is_main:
+            save_model(unwrap(model), tokenizer_dir, run_dir / "best")
     if dist.is_main:
         append_metrics(run_dir, {"event": "finished", "reason": state.finished, "step": state.step,
                                  "best_step": state.best_step, "best_valid": state.best_valid,

@@ -7,7 +7,31 @@ teacher's and the student's vocabularies to be identical), with tied embeddings.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+
+class FFNGates(BaseModel):
+    """Learned feed-forward width (``trainers.glu``): a hard-concrete gate on every FFN channel, a budget term in
+    the training loss, and the closed channels pruned at export.
+
+    The term added to the per-token training loss is ``penalty · max(0, E[kept fraction] − target)``, where the
+    expected kept fraction is the mean over all FFN channels of P(gate ≠ 0) (the L0 norm of Louizos et al. 2018,
+    per channel) and the target falls linearly from 1 to ``budget`` over the first ``ramp_steps`` training steps
+    (a sparsity warm-up as in structured-pruning practice, so channels close while the rest of the model adapts).
+    ``budget: 0`` with no ramp is a plain L0 penalty. Defaults tried on a toy problem only (``trainers.glu``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budget: float = Field(0.5, ge=0, lt=1, description="target fraction of FFN channels kept (expected, over all "
+                          "layers); the term is zero below it")
+    penalty: float = Field(1.0, ge=0, description="weight of the budget term, in nats per token per unit of "
+                           "expected kept fraction above the target (10 closed nearly every gate at eval on a toy "
+                           "problem)")
+    ramp_steps: int = Field(500, ge=0, description="training steps over which the target falls from 1 to budget")
+    lr_scale: float = Field(20.0, gt=0, description="the gate logits learn this many times faster than the "
+                            "weights (log α = lr_scale · θ): at the weights' lr a gate would need thousands of "
+                            "steps to close")
 
 
 class ModelSize(BaseModel):
@@ -22,6 +46,16 @@ class ModelSize(BaseModel):
     ffn_dim: int = Field(gt=0, description="feed-forward inner width")
     dropout: float = Field(0.1, ge=0, lt=1)
     max_positions: int = Field(512, gt=0, description="longest sequence in tokens")
+    ffn_gates: FFNGates | None = Field(None, description="learn the FFN width (students only; trainers.glu): "
+                                       "ffn_dim is then the width before pruning")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_gates(self, handler):
+        # An ungated shape dumps as before ffn_gates existed: its fingerprints and grid unit keys are unchanged.
+        data = handler(self)
+        if self.ffn_gates is None:
+            data.pop("ffn_gates", None)
+        return data
 
 
 # ~parameters with an 8k vocabulary in brackets.
@@ -93,5 +127,8 @@ def build_marian(size: str | ModelSize, *, vocab_size: int, pad_id: int, eos_id:
 
 
 def count_parameters(model) -> int:
-    """Unique trainable parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Unique trained parameters: tied embeddings once, the fixed sinusoidal positions never (a model built here
+    freezes them, but ``from_pretrained`` loads them back as trainable)."""
+    fixed = {id(p) for m in model.modules() if type(m).__name__.endswith("SinusoidalPositionalEmbedding")
+             for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in fixed)

@@ -5,9 +5,10 @@ the same global batch plan and trains on its slice (``trainers.data``); losses a
 and divided by the step's global token count times the world size, so after DDP's gradient averaging each
 step's gradient is the gradient of the global per-token mean — the same as on one worker.
 
-After training, the best checkpoint is converted to CTranslate2 and scored on the test split (BLEU / chrF with
-sacrebleu signatures). "Best" is lowest NLL on the valid references (``optim.select_by: valid_loss``) or highest
-greedy BLEU on the valid split (``valid_bleu``). NLL on references is the wrong yardstick for sentence-level KD:
+After training, the best checkpoint (pruned first when the size learns its FFN width: ``trainers.glu``) is
+converted to CTranslate2 and scored on the test split (BLEU / chrF with sacrebleu signatures). "Best" is lowest
+NLL on the valid references (``optim.select_by: valid_loss``) or highest greedy BLEU on the valid split
+(``valid_bleu``). NLL on references is the wrong yardstick for sentence-level KD:
 a student that learns the teacher's translations can gain BLEU while its NLL on the references rises.
 """
 
@@ -44,7 +45,8 @@ class StudentConfig(BaseModel):
     valid: Path = Field(description="Parquet with source/target: validation NLL on the references")
     test: Path | None = Field(None, description="Parquet with source/target: BLEU/chrF after training")
     tokenizer: Path = Field(description="the teacher's tokenizer (vocabulary hash checked)")
-    out: Path = Field(description="run directory: checkpoint/, best/, ct2/, metrics.jsonl, results.json")
+    out: Path = Field(description="run directory: checkpoint/, best/, ct2/, metrics.jsonl, results.json "
+                     "(and pruned/: best/ without its closed FFN channels, for a size with ffn_gates)")
     size: str | ModelSize = "mini"
     loss: LossConfig = LossConfig(name="token")
     max_rank: int | None = Field(None, ge=1, description="use hypotheses with hyp_rank < max_rank")
@@ -89,6 +91,7 @@ def _worker_loop(config: dict) -> None:
     from pipeline.tokenizer import Tokenizer
     from trainers.checkpoint import append_metrics
     from trainers.data import collate, worker_slice
+    from trainers.glu import install_ffn_gates
     from trainers.loop import Dist, fit, to_device, unwrap
     from trainers.losses import compute_loss, heldout_gate_step, make_gate, marian_logits, nll
     from trainers.models import build_marian, resolve_size
@@ -107,6 +110,8 @@ def _worker_loop(config: dict) -> None:
                                  "max_positions": max_positions})
     torch.manual_seed(cfg.optim.seed)
     model = build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id)
+    if (ffn_cfg := resolve_size(cfg.size).ffn_gates) is not None:
+        install_ffn_gates(model, ffn_cfg)  # model.ffn_gates: learned FFN width, pruned after training
     gate = make_gate(cfg.loss, d_model=model.config.d_model)
     if gate is not None:
         model.kd_gate = gate  # a submodule: optimised, checkpointed and DDP-synchronised with the student
@@ -138,7 +143,11 @@ def _worker_loop(config: dict) -> None:
         total = compute_loss(cfg.loss, out.logits[..., :-1], batch, gate=getattr(unwrap(model), "kd_gate", None),
                              hidden=hidden, reduction="sum")
         n_local = int((batch["labels"] != -100).sum()) if batch["weight"] else 0
-        return total * batch["weight"] * dist.world_size / batch["global_tokens"], n_local
+        loss = total * batch["weight"] * dist.world_size / batch["global_tokens"]
+        ffn_gates = getattr(unwrap(model), "ffn_gates", None)
+        if ffn_gates is not None:  # the same term on every worker: DDP's average keeps it once
+            loss = loss + ffn_gates.penalty()
+        return loss, n_local
 
     def valid_loss_fn(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -156,6 +165,11 @@ def _worker_loop(config: dict) -> None:
         gate = getattr(unwrap(model), "kd_gate", None)
         if gate is not None:
             record |= gate.log_values()  # gate = the token weight; uncertainty: both σ; heldout: its updates
+        ffn_gates = getattr(unwrap(model), "ffn_gates", None)
+        if ffn_gates is not None:
+            record |= ffn_gates.log_values()  # kept fraction and per-layer widths at eval, expected kept fraction
+            # best/ is chosen among models at their budget: before it, a wider model would win on loss and be reported
+            record["selectable"] = record["ffn_target"] <= ffn_gates.cfg.budget + 1e-9
         bucket = record["step"] // cfg.bleu_every if cfg.bleu_every else 0
         if bucket > last_bleu["bucket"] or opt.select_by == "valid_bleu":
             last_bleu["bucket"] = bucket
@@ -249,7 +263,8 @@ def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bo
     from pipeline.tokenizer import Tokenizer
     from trainers.checkpoint import check_resumable, clear_run
     from trainers.export import export_ct2
-    from trainers.models import build_marian, count_parameters
+    from trainers.glu import prune_checkpoint
+    from trainers.models import build_marian, count_parameters, resolve_size
 
     # Ray Train workers run in their own working directory; validating again checks fields set after loading.
     cfg = StudentConfig.model_validate(_absolute_paths(cfg).model_dump())
@@ -258,7 +273,7 @@ def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bo
     data = training_rows(cfg, tok, max_rank=1)
     fp = training_fingerprint(cfg, data, tok)
     if restart:
-        clear_run(cfg.out, extra=("ct2", "results.json", "test.hyp.txt", "ray"))
+        clear_run(cfg.out, extra=("ct2", "pruned", "results.json", "test.hyp.txt", "ray"))
     check_resumable(cfg.out, fp)  # in the driver: a clear error before any worker starts
     saved, done = cfg.out / "config.json", cfg.out / "results.json"
     if done.is_file() and saved.is_file() and StudentConfig.model_validate_json(saved.read_text()) == cfg:
@@ -280,6 +295,11 @@ def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bo
     finished = [e for e in events if e["event"] == "finished"][-1]
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         params = count_parameters(build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id))
+    exported, ffn = cfg.out / "best", {}
+    if resolve_size(cfg.size).ffn_gates is not None:  # the selected model, closed FFN channels dropped
+        pruned = prune_checkpoint(cfg.out / "best", cfg.out / "pruned")
+        exported, ffn = cfg.out / "pruned", {"unpruned_parameters": params, "ffn_widths": pruned["ffn_widths"]}
+        params = pruned["parameters"]  # counted from the pruned checkpoint: what the CT2 model holds
     data = [e for e in events if e["event"] == "data"][-1]
     # selected_*: the checkpoint in best/ (chosen by selected_by); last_valid_bleu: the last validation's.
     results = {"loss": cfg.loss.name, "config_hash": fp["hash"], "parameters": params, "steps": finished["step"],
@@ -289,10 +309,10 @@ def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bo
                "train_minutes": round(finished["elapsed_s"] / 60, 2),
                "stopped": finished["reason"],
                "gate": next((e["gate"] for e in reversed(events) if "gate" in e), None),
-               "train_rows": data["rows"], "skipped_too_long": data["skipped_too_long"]}
+               "train_rows": data["rows"], "skipped_too_long": data["skipped_too_long"], **ffn}
     checks: list = []
-    ct2 = export_ct2(cfg.out / "best", cfg.out / "ct2", quantization="int8", on_check=checks.append)
-    results["int8_logprob_gap"] = round(checks[-1].mean_abs, 4)  # nats/token the int8 rounding costs (test BLEU's model)
+    ct2 = export_ct2(exported, cfg.out / "ct2", quantization="int8", on_check=checks.append)
+    results["int8_logprob_gap"] = round(checks[-1].mean_abs, 4)  # nats/token int8 rounding costs the tested model
     if cfg.test is not None:
         import pyarrow.parquet as pq
 

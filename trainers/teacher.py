@@ -40,6 +40,13 @@ class TeacherConfig(BaseModel):
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     optim: OptimConfig = OptimConfig()
 
+    @field_validator("size")
+    @classmethod
+    def _fixed_width(cls, size: str | ModelSize) -> str | ModelSize:
+        if resolve_size(size).ffn_gates is not None:
+            raise ValueError("ffn_gates (a learned FFN width) is for students; a teacher trains a fixed shape")
+        return size
+
     @field_validator("optim")
     @classmethod
     def _loss_selection(cls, optim: OptimConfig) -> OptimConfig:

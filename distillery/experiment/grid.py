@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.dataset import DatasetName
 from trainers.losses import LossConfig
-from trainers.models import ModelSize, resolve_size
+from trainers.models import FFNGates, ModelSize, resolve_size
 
 from .records import NoiseKind
 
@@ -147,9 +147,16 @@ def content_key(kind: str, fields: dict) -> str:
 
 
 def size_label(size: str | ModelSize) -> str:
+    """A preset's name, or the shape (a learned FFN width adds ``-gates`` with its non-default settings)."""
     if isinstance(size, str):
         return size
-    return f"d{size.d_model}-e{size.encoder_layers}-d{size.decoder_layers}-f{size.ffn_dim}"
+    label = f"d{size.d_model}-e{size.encoder_layers}-d{size.decoder_layers}-f{size.ffn_dim}"
+    if size.ffn_gates is None:
+        return label
+    default = FFNGates().model_dump()
+    changed = {k: v for k, v in size.ffn_gates.model_dump().items() if default[k] != v}
+    options = ",".join(f"{k}={v:g}" for k, v in sorted(changed.items()))
+    return f"{label}-gates[{options}]" if changed else f"{label}-gates"
 
 
 def method_label(loss: LossConfig) -> str:

@@ -20,7 +20,9 @@ from .records import ResultRow
 LEVEL = 0.95
 # Averaged per group; bleu_share is ResultRow.bleu_share (BLEU / the teacher's BLEU).
 METRICS = ("bleu", "chrf", "sentences_per_s", "tokens_per_s", "train_minutes", "bleu_share")
-GROUP_FIELDS = ("grid", "kind", "method", "size", "parameters", "noise_kind", "noise_rate", "decoding")
+# ``size`` names the shape; ``parameters`` is not a coordinate: a student with a learned FFN width (ffn_gates) keeps
+# another number of parameters per seed. A group's ``parameters`` is the mean over its seeds (rounded).
+GROUP_FIELDS = ("grid", "kind", "method", "size", "noise_kind", "noise_rate", "decoding")
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,11 @@ class Aggregate:
     kind: str
     method: str
     size: str
-    parameters: int
     noise_kind: str
     noise_rate: float
     decoding: str
     values: dict[str, dict[int, float]]  # metric -> seed -> value (a metric without a value is absent)
+    parameters: int = 0  # mean over the seeds (they differ only for a learned FFN width)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -109,7 +111,8 @@ class Aggregate:
 
 
 def aggregate(rows: Iterable[ResultRow]) -> list[Aggregate]:
-    """Group rows by every coordinate but seed and unit; groups come out in first-seen order.
+    """Group rows by every coordinate but seed and unit (and parameters, averaged); groups come out in first-seen
+    order.
 
     Raises:
         ValueError: two different units for the same seed of one group (the grid varies something the row does
@@ -131,7 +134,8 @@ def aggregate(rows: Iterable[ResultRow]) -> list[Aggregate]:
             per_seed = {s: getattr(r, metric) for s, r in by_seed.items() if getattr(r, metric) is not None}
             if per_seed:
                 values[metric] = per_seed
-        out.append(Aggregate(**dict(zip(GROUP_FIELDS, key, strict=True)), values=values))
+        parameters = round(math.fsum(r.parameters for r in by_seed.values()) / len(by_seed))
+        out.append(Aggregate(**dict(zip(GROUP_FIELDS, key, strict=True)), values=values, parameters=parameters))
     return out
 
 

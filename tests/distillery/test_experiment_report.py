@@ -110,6 +110,14 @@ def test_aggregation_groups_by_every_coordinate_but_seed():
         aggregate([*rows, clash])
 
 
+def test_a_learned_width_keeps_its_seeds_in_one_group_with_their_mean_parameter_count():
+    """A gated student (ffn_gates) is pruned to another parameter count per seed: still one grid point."""
+    rows = [student("token", "tiny", seed, 10.0 + seed).model_copy(update={"parameters": params, "size": "g"})
+            for seed, params in ((1, 500_000), (2, 520_000), (3, 530_001))]
+    (agg,) = aggregate(rows)
+    assert (agg.n, agg.parameters, agg.size) == (3, 516_667, "g")
+
+
 @pytest.mark.parametrize("df,textbook", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)])
 def test_t_quantile_matches_the_textbook_table(df, textbook):
     assert t_quantile(df) == pytest.approx(textbook, abs=5e-4)
