@@ -248,6 +248,10 @@ def _headline(students: Sequence[Aggregate], teacher: Aggregate | None) -> tuple
         return Verdict.NOT_MEASURED, "needs the grid's teacher row and students."
     t_bleu = teacher.stat("bleu").mean
     t_speed = teacher.stat("sentences_per_s").mean
+    if not t_bleu > 0 or teacher.parameters <= 0:  # nothing to take a share of
+        count = fmt_params(teacher.parameters) if teacher.parameters > 0 else "unknown: set teacher_parameters"
+        return Verdict.NOT_MEASURED, (f"needs the teacher's BLEU above 0 (it is {t_bleu:.2f}) and its parameter "
+                                      f"count ({count}).")
 
     def describe(a: Aggregate) -> str:
         return (f"{a.method} {a.size} ({a.noise_label}, {a.decoding} data): BLEU {_bleu(a)} "

@@ -17,11 +17,12 @@ class GridProgress:
     def __call__(self, run, running: list[str]) -> None:
         done = len(run.ran)
         minutes = (time.monotonic() - self.started) / 60
-        line = (f"[{minutes:5.1f} min] {done}/{self.total} units done, {len(running)} queued or running"
+        waiting = self.total - done - len(run.failed) - len(run.blocked) - len(running)
+        line = (f"[{minutes:5.1f} min] {done}/{self.total} units done, {len(running)} running, {waiting} waiting"
                 + (f", [red]{len(run.failed)} failed[/]" if run.failed else "")
                 + (f", {len(run.blocked)} blocked" if run.blocked else ""))
         if running:
-            line += f"; next: {', '.join(running[:3])}" + (" …" if len(running) > 3 else "")
+            line += f"; running: {', '.join(running[:3])}" + (" …" if len(running) > 3 else "")
         if line != self.last:
             self.console.print(line, highlight=False)
             self.last = line

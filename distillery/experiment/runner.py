@@ -309,7 +309,8 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
     Args:
         cache: the unit cache (shared between grids).
         address: Ray cluster (default ``RAY_ADDRESS`` or an embedded local Ray).
-        on_update: called as ``on_update(run, running)`` whenever a unit starts or ends (progress display).
+        on_update: called as ``on_update(run, running)`` whenever a unit starts or ends (progress display);
+            ``running`` names the units running now (the others wait for their inputs or for CPUs).
         execute: False runs nothing: the rows are those of the units already finished (a partial grid).
 
     Returns:
@@ -340,39 +341,66 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
     remote = ray.remote(_run_unit)
     grid_json = grid.model_dump_json()
     all_cpus = int(ray.cluster_resources().get("CPU", 1))
-    refs: dict[str, ray.ObjectRef] = {}
-    pending: dict[ray.ObjectRef, Unit] = {}
-    # Seed by seed (stable, so dependencies still come first): an interrupted grid has whole seeds finished.
-    todo.sort(key=lambda u: u.coords.get("seed") or 0)
-    for unit in todo:
-        deps = [refs[k] if k in refs else results[k] for k in unit.needs]
-        cpus = all_cpus if unit.kind == "eval" and grid.eval.exclusive else 0
-        ref = remote.options(num_cpus=cpus, max_retries=0, name=unit.name).remote(unit, grid_json, paths, *deps)
-        refs[unit.key] = ref
-        pending[ref] = unit
+    # Units start here, in order, when their inputs are finished and their CPUs are free — not all at once: a
+    # student submitted early would sit in Ray holding a worker process (torch loaded) until its trainer got CPUs,
+    # and the trainers would take them in any order, so an interrupted grid would hold no whole seed.
+    queue = sorted(todo, key=lambda u: u.coords.get("seed") or 0)  # stable: dependencies still come first
+    running: dict[ray.ObjectRef, Unit] = {}
+    free, lost = all_cpus, set()  # lost: keys of units that failed or were blocked
     if on_update:
         on_update(run, [])
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
-        if not done:
+    while queue or running:
+        for unit in list(queue):
+            if any(k in lost for k in unit.needs):
+                queue.remove(unit)
+                run.blocked.append(unit.name)
+                lost.add(unit.key)
+                continue
+            if any(k not in results for k in unit.needs):
+                continue  # an input is still running: later units may start meanwhile
+            need = _cpus_needed(unit, grid, all_cpus)
+            if need > free and running:
+                break  # the first ready unit waits for its CPUs; none overtakes it (an exclusive eval would starve)
+            queue.remove(unit)
+            free -= need
+            cpus = all_cpus if unit.kind == "eval" and grid.eval.exclusive else 0  # the trainers hold their own
+            ref = remote.options(num_cpus=cpus, max_retries=0, name=unit.name).remote(
+                unit, grid_json, paths, *(results[k] for k in unit.needs))
+            running[ref] = unit
+        if on_update:
+            on_update(run, [u.name for u in running.values()])
+        if not running:
+            if queue:  # a program error, not a user's: expand() puts every needed unit in the grid, inputs first
+                raise RuntimeError(f"{queue[0].name} waits on a unit that is neither finished nor queued")
             continue
+        done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
-            unit = pending.pop(ref)
+            unit = running.pop(ref)
+            free += _cpus_needed(unit, grid, all_cpus)
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:  # a dependency failed: this unit never ran
-                result = {"error": "blocked", "cause": str(exc)[:200]}
+            except ray.exceptions.RayError as exc:  # the task itself died (e.g. its worker was killed)
+                result = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             if "error" not in result:
                 results[unit.key] = result
                 run.ran.append(unit.name)
-            elif result["error"] == "blocked" or any(k in run.failed or k in run.blocked for k in unit.needs):
-                run.blocked.append(unit.name)
             else:
                 run.failed[unit.name] = result["error"]
-        if on_update:
-            on_update(run, [u.name for u in pending.values()])
+                lost.add(unit.key)
     run.rows = result_rows(grid, units, results)
     return run
+
+
+def _cpus_needed(unit: Unit, grid: GridSpec, all_cpus: int) -> int:
+    """The CPUs a unit keeps busy: a student its trainers'; a distillation runs a Ray Data pipeline over the
+    cluster, an exclusive eval reserves it."""
+    if unit.kind == "student":
+        need = grid.student.workers * grid.student.threads_per_worker
+    elif unit.kind == "eval":
+        need = all_cpus if grid.eval.exclusive else grid.eval.threads
+    else:
+        need = all_cpus
+    return min(need, all_cpus)
 
 
 def write_outputs(grid: GridSpec, run: GridRun, out: Path, *, cache: Path, command: str) -> list[Path]:

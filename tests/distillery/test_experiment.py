@@ -106,6 +106,8 @@ def _markers(cache: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_local, tmp_path):
+    import ray
+
     from distillery.experiment.runner import import_markers, run_grid, write_outputs
 
     cache = tmp_path / "cache"
@@ -124,8 +126,18 @@ def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_loc
     assert partial.ran == [] and set(partial.reused) == set(finished) and _markers(cache) == finished
     assert len(partial.rows) == sum(name.startswith("eval-") for name in finished)
 
-    resumed = run_grid(grid, cache=cache)
+    seen: list[list[str]] = []
+    resumed = run_grid(grid, cache=cache, on_update=lambda run, running: seen.append(list(running)))
     every = {u.name for u in resumed.units}
+    # Units start when their inputs are done and their CPUs free: an evaluation runs alone, students one per CPU
+    # (each has one worker of one thread here), and students start seed by seed.
+    cpus = int(ray.cluster_resources()["CPU"])
+    for running in seen:
+        assert len(running) == 1 or all(n.startswith("student-") for n in running), running
+        assert len(running) <= cpus, running
+    seed = {u.name: u.coords.get("seed") for u in resumed.units}
+    started = list(dict.fromkeys(n for running in seen for n in running if n.startswith("student-")))
+    assert [seed[n] for n in started] == sorted(seed[n] for n in started) and started
     assert len(every) == 1 + 4 + 5  # one dataset, 2 methods × 2 seeds, an eval of each and of the teacher
     assert set(resumed.reused) == set(finished), "a finished unit must be reused, not redone"
     assert set(resumed.ran) == every - set(finished), "exactly the unfinished units run"

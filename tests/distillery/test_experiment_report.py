@@ -300,6 +300,12 @@ def test_claim_e_headline_picks_the_smallest_qualifying_student():
     v, sentence = verdict([teacher(), *seeds("token", "mini", [10, 11, 12])], "e")
     assert v is Verdict.CONTRADICTED and sentence.startswith("none reaches 95 %") and "55.0 % of the" in sentence
     assert verdict(seeds("token", "tiny", [1, 2]), "e")[0] is Verdict.NOT_MEASURED
+    # no share of a teacher scoring 0 or of unknown size (a toy teacher; a BYO one without model_info.json)
+    v, sentence = verdict([teacher(bleu=0.0), *seeds("token", "mini", [0.0, 0.0])], "e")
+    assert v is Verdict.NOT_MEASURED and "BLEU above 0" in sentence
+    unknown = teacher().model_copy(update={"parameters": 0})
+    v, sentence = verdict([unknown, *seeds("token", "mini", [10, 11, 12])], "e")
+    assert v is Verdict.NOT_MEASURED and "unknown: set teacher_parameters" in sentence
 
 
 # --- docs/RESULTS.md ------------------------------------------------------------------------------------------
