@@ -350,6 +350,7 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
     if on_update:
         on_update(run, [])
     while queue or running:
+        waiting_seed = None  # the seed of the first ready unit that waits for CPUs: no later seed overtakes it
         for unit in list(queue):
             if any(k in lost for k in unit.needs):
                 queue.remove(unit)
@@ -358,9 +359,15 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
                 continue
             if any(k not in results for k in unit.needs):
                 continue  # an input is still running: later units may start meanwhile
+            seed = unit.coords.get("seed") or 0
+            if waiting_seed is not None and seed > waiting_seed:
+                break
             need = _cpus_needed(unit, grid, all_cpus)
             if need > free and running:
-                break  # the first ready unit waits for its CPUs; none overtakes it (an exclusive eval would starve)
+                # Units of its own seed may use the free CPUs meanwhile (an evaluation waiting for all of them
+                # would otherwise idle a core for a whole student run); they run out, so it cannot starve.
+                waiting_seed = seed if waiting_seed is None else waiting_seed
+                continue
             queue.remove(unit)
             free -= need
             cpus = all_cpus if unit.kind == "eval" and grid.eval.exclusive else 0  # the trainers hold their own
