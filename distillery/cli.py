@@ -477,13 +477,12 @@ def experiment(
 
     run = run_grid(grid, cache=cache, on_update=on_update, execute=not collect)
     command = f"distillery experiment {grid_file}" + (" --quick" if quick else "")
+    files = write_outputs(grid, run, out, cache=cache, command=command)
     if collect:
         missing = len(run.units) - len(run.reused)
-        console.print(f"{len(run.reused)} of {len(run.units)} units finished, {missing} not run (--collect)")
-        files = write_outputs(grid, run, out, cache=cache, command=command)
-        console.print("→ " + ", ".join(str(f) for f in files))
+        console.print(f"{len(run.reused)} of {len(run.units)} units finished, {missing} not run (--collect) → "
+                      + ", ".join(str(f) for f in files))
         return
-    files = write_outputs(grid, run, out, cache=cache, command=command)
     console.print(f"{len(run.ran)} units run, {len(run.reused)} reused → " + ", ".join(str(f) for f in files))
     if run.failed or run.blocked:
         details = "; ".join(f"{name}: {error}" for name, error in run.failed.items())

@@ -70,6 +70,14 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
         source = _zero_start_row(checkpoint, zeroed) if zero_pad_embedding else checkpoint
         trim = config.get("ffn_widths") is not None  # a pruned student: its FFN padding is dropped
         label = f"{checkpoint} (decoder-start row zeroed)" if zero_pad_embedding else str(checkpoint)
+
+        def checked(model_dir: Path, judge: bool) -> None:
+            result = check_parity(model_dir, source, sentences=sentences, hf_label=label, judge=judge)
+            result.ct2_dir = out  # where it goes if it passes, not the temporary directory
+            raise_on_mismatch(result)
+            if on_check is not None:
+                on_check(result)
+
         if check and quantization != "float32":
             # Conversion and rounding are checked apart: the float32 conversion must match exactly (a wrong mapping
             # shows at once), and the rounded model's gap is then only measured. Held to a fixed tolerance, the
@@ -77,19 +85,11 @@ def export_ct2(checkpoint: str | Path, out: str | Path, *, quantization: str = "
             # amplify rounding), and no fixed limit separates rounding from a wrong mapping across models.
             _convert(source, checkpoint, exact, "float32", trim=trim)
             copy_tokenizer_files(checkpoint, exact)
-            result = check_parity(exact, source, sentences=sentences, hf_label=label)
-            result.ct2_dir = out
-            raise_on_mismatch(result)
-            if on_check is not None:
-                on_check(result)
+            checked(exact, judge=True)
         _convert(source, checkpoint, tmp, quantization, trim=trim)
         copy_tokenizer_files(checkpoint, tmp)
         if check:
-            result = check_parity(tmp, source, sentences=sentences, hf_label=label, judge=quantization == "float32")
-            result.ct2_dir = out  # where it goes if it passes, not the temporary directory
-            raise_on_mismatch(result)
-            if on_check is not None:
-                on_check(result)
+            checked(tmp, judge=quantization == "float32")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
