@@ -271,6 +271,15 @@ def tvd(logits: torch.Tensor, batch: dict, *, reduction: Reduction = "mean") -> 
     return _reduce(0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1), batch["labels"], reduction)
 
 
+def online_kl(logits: torch.Tensor, batch: dict, *, reduction: Reduction = "mean") -> torch.Tensor:
+    """Forward ``KL(p_T ‖ p_S)`` over the full vocabulary from the teacher's logits computed online
+    (``batch["teacher_logits"]`` ``[B, T, V]``): the student side of ``okd`` and ``on_policy`` (``trainers.online``).
+    A gradient reaches the teacher when its logits carry one (``okd``'s online modules)."""
+    log_p = F.log_softmax(batch["teacher_logits"].float(), dim=-1)
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    return _reduce(_kl(log_p, log_q), batch["labels"], reduction)
+
+
 class HybridGate(torch.nn.Module):
     """Learned gate ``g ∈ (0, 1)`` mixing token and sentence KD (``g`` weighs the token loss).
 
@@ -364,6 +373,8 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "jsd": jsd,
     "skew_kl": skew_kl,
     "tvd": tvd,
+    "okd": online_kl,
+    "on_policy": online_kl,
 }
 # The LossConfig fields each loss reads; compute_loss passes exactly these.
 _OPTIONS: dict[str, tuple[str, ...]] = {
@@ -375,6 +386,13 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "jsd": ("beta",),
     "skew_kl": ("lam",),
     "tvd": (),
+    "okd": (),
+    "on_policy": (),
+}
+# The LossConfig fields the online teacher reads (trainers.online): training settings, so in the fingerprint.
+_ONLINE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "okd": ("lora_rank", "lora_alpha", "lora_targets", "lora_stacks", "anchor"),
+    "on_policy": ("student_data",),
 }
 
 
@@ -406,6 +424,12 @@ class LossConfig(BaseModel):
     g: float = Field(0.5, ge=0, le=1)  # hybrid, gate fixed: the token weight
     gate_lr: float = Field(0.5, gt=0)  # hybrid, gate heldout: step size of w per held-out update
     gate_every: int = Field(50, gt=0)  # hybrid, gate heldout: training steps between held-out updates
+    lora_rank: int = Field(8, gt=0)  # okd: rank of the teacher's LoRA modules
+    lora_alpha: float = Field(16.0, gt=0)  # okd: LoRA scale (the update is alpha/rank · B·A)
+    lora_targets: list[str] = Field(["q_proj", "v_proj"], min_length=1)  # okd: teacher projections with modules
+    lora_stacks: Literal["encoder", "decoder", "both"] = "both"  # okd: which stacks get modules
+    anchor: float = Field(1.0, ge=0)  # okd: weight of the teacher's own NLL in the modules' objective
+    student_data: float = Field(0.5, ge=0, le=1)  # on_policy: share of batches trained on student samples
 
     @field_validator("name")
     @classmethod
@@ -416,6 +440,7 @@ class LossConfig(BaseModel):
     def training_fields(self) -> dict:
         """The name and the options this loss reads (another loss's option changes nothing)."""
         fields = {"name": self.name} | {field: getattr(self, field) for field in _OPTIONS[self.name]}
+        fields |= {field: getattr(self, field) for field in _ONLINE_OPTIONS.get(self.name, ())}
         if self.name != "hybrid":
             return fields
         return fields | {"gate": self.gate} | {field: getattr(self, field) for field in _GATE_OPTIONS[self.gate]}

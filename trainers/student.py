@@ -24,6 +24,7 @@ from pipeline.dataset import DatasetName
 from trainers.loop import OptimConfig
 from trainers.losses import LossConfig
 from trainers.models import ModelSize
+from trainers.online import ONLINE_LOSSES, needs_online_teacher
 
 
 class DatasetRef(BaseModel):
@@ -49,6 +50,8 @@ class StudentConfig(BaseModel):
                      "(and pruned/: best/ without its closed FFN channels, for a size with ffn_gates)")
     size: str | ModelSize = "mini"
     loss: LossConfig = LossConfig(name="token")
+    teacher_hf: Path | None = Field(None, description="the teacher as a Hugging Face Marian checkpoint, for the "
+                                    "online losses okd and on_policy (`distillery teacher to-hf` writes one)")
     max_rank: int | None = Field(None, ge=1, description="use hypotheses with hyp_rank < max_rank")
     workers: int = Field(1, ge=1, description="Ray Train workers")
     threads_per_worker: int = Field(1, ge=1)
@@ -66,6 +69,15 @@ class StudentConfig(BaseModel):
         if self.corpus is not None and self.loss.name != "nll":
             raise ValueError(f"corpus holds references only: it trains loss nll, not {self.loss.name} "
                              "(distil a dataset for KD losses)")
+        online = needs_online_teacher(self.loss.name)
+        if online and self.teacher_hf is None:
+            raise ValueError(f"loss {self.loss.name} runs the teacher during training: give teacher_hf (a Hugging "
+                             "Face checkpoint; `distillery teacher to-hf CT2_DIR --out DIR` writes one)")
+        if not online and self.teacher_hf is not None:
+            raise ValueError(f"teacher_hf is read by the online losses ({', '.join(ONLINE_LOSSES)}) only, not by "
+                             f"{self.loss.name}")
+        if online and self.workers > 1:
+            raise ValueError(f"loss {self.loss.name} trains on one worker only (workers: 1)")
         return self
 
 
@@ -87,7 +99,7 @@ def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.evaluate import score
+    from pipeline.evaluate import decode_limit, score
     from pipeline.tokenizer import Tokenizer
     from trainers.checkpoint import append_metrics
     from trainers.data import collate, worker_slice
@@ -95,6 +107,7 @@ def _worker_loop(config: dict) -> None:
     from trainers.loop import Dist, fit, to_device, unwrap
     from trainers.losses import compute_loss, heldout_gate_step, make_gate, marian_logits, nll
     from trainers.models import build_marian, resolve_size
+    from trainers.online import OnlineTeacher, anchor_loss, sample_targets, takes_student_data
     from trainers.teacher import load_pairs, make_batches
 
     fp = config["fingerprint"]
@@ -116,6 +129,11 @@ def _worker_loop(config: dict) -> None:
     if gate is not None:
         model.kd_gate = gate  # a submodule: optimised, checkpointed and DDP-synchronised with the student
     device = ray.train.torch.get_device()
+    online = None
+    if cfg.teacher_hf is not None:  # okd / on_policy: the teacher runs beside the student (trainers.online)
+        online = OnlineTeacher(cfg.teacher_hf, cfg.loss, tokenizer=tok, device=device)
+        if online.trainable:
+            model.online_modules = online.modules()  # optimised, clipped and checkpointed with the student
     if dist.world_size > 1:
         model = ray.train.torch.prepare_model(model)  # moves it to `device` and wraps it in DDP
     rows, pad_id, opt = data.rows, tok.pad_id, cfg.optim
@@ -132,7 +150,25 @@ def _worker_loop(config: dict) -> None:
             batches.append(batch)
         return batches
 
+    def online_loss_fn(model, batch):
+        # One worker (StudentConfig refuses more): the loss is a mean over this batch's own target tokens, which
+        # for on_policy are the student's samples, not the planned references.
+        if cfg.loss.name == "on_policy" and takes_student_data(batch, cfg.loss.student_data):
+            limit = decode_limit(batch["input_ids"].shape[1], length_ratio=2.0, max_length=min(256, max_positions))
+            batch = sample_targets(unwrap(model), batch, pad_id=pad_id, eos_id=tok.eos_id, max_new_tokens=limit)
+        batch = batch | {"teacher_logits": online.logits(batch)}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"],
+                       decoder_attention_mask=batch["decoder_attention_mask"]).logits[..., :-1]
+        total = compute_loss(cfg.loss, logits, batch, reduction="sum")
+        if cfg.loss.name == "okd":  # the modules' anchor: no student gradient
+            total = total + cfg.loss.anchor * anchor_loss(batch["teacher_logits"], batch["labels"])
+        n_local = int((batch["labels"] != -100).sum())
+        return total / max(n_local, 1), n_local
+
     def loss_fn(model, batch):
+        if online is not None:
+            return online_loss_fn(model, batch)
         # The heldout gate steps on held-out data every gate_every steps (a no-op for the other gates).
         heldout_gate_step(cfg.loss, unwrap(model), batch, valid_share, logits_fn=marian_logits,
                           all_reduce=torch.distributed.all_reduce if dist.world_size > 1 else None)
@@ -217,7 +253,8 @@ def greedy_translate(model, tok, sources: list[str], *, device: torch.device, ba
 
 def _absolute_paths(cfg: StudentConfig) -> StudentConfig:
     """``cfg`` with its local paths resolved against the driver's working directory."""
-    update = {name: getattr(cfg, name).resolve() for name in ("corpus", "valid", "test", "tokenizer", "out")
+    update = {name: getattr(cfg, name).resolve() for name in ("corpus", "valid", "test", "tokenizer", "out",
+                                                              "teacher_hf")
               if getattr(cfg, name) is not None}
     if cfg.dataset is not None and "://" not in cfg.dataset.store:
         update["dataset"] = cfg.dataset.model_copy(update={"store": str(Path(cfg.dataset.store).resolve())})
@@ -227,6 +264,7 @@ def _absolute_paths(cfg: StudentConfig) -> StudentConfig:
 def training_fingerprint(cfg: StudentConfig, data, tok) -> dict:
     """``checkpoint.fingerprint`` of what changes a student's training: data by content, model, loss, optimiser
     (no budgets), the number of workers (each draws its own dropout masks) and how the best model is chosen."""
+    from pipeline.errors import InputError
     from trainers.checkpoint import file_hash, fingerprint
     from trainers.models import resolve_size
 
@@ -237,6 +275,12 @@ def training_fingerprint(cfg: StudentConfig, data, tok) -> dict:
               "loss": cfg.loss.training_fields(), "workers": cfg.workers, "optim": cfg.optim.trajectory_fields()}
     if cfg.optim.select_by == "valid_bleu":
         fields["bleu_sentences"] = cfg.bleu_sentences
+    if cfg.teacher_hf is not None:  # the online teacher by content
+        weights = cfg.teacher_hf / "model.safetensors"
+        if not weights.is_file():
+            raise InputError(f"teacher_hf {cfg.teacher_hf}: no model.safetensors (a Hugging Face checkpoint; "
+                             "`distillery teacher to-hf CT2_DIR --out DIR` writes one)")
+        fields["teacher_hf"] = file_hash(weights)
     return fingerprint(fields)
 
 

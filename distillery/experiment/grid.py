@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pipeline.dataset import DatasetName
 from trainers.losses import LossConfig
 from trainers.models import FFNGates, ModelSize, resolve_size
+from trainers.online import needs_online_teacher
 
 from .records import NoiseKind
 
@@ -98,6 +99,9 @@ class GridSpec(BaseModel):
 
     name: DatasetName = Field(description="names the output directory")
     teacher: Path = Field(description="CTranslate2 teacher directory, its tokenizer beside it")
+    teacher_hf: Path | None = Field(None, description="the teacher as a Hugging Face checkpoint, for the online "
+                                    "losses okd and on_policy (default: converted back from `teacher` into the "
+                                    "cache, as `distillery teacher to-hf` does)")
     teacher_parameters: int | None = Field(None, ge=1, description="the teacher's parameter count (default: "
                                            "model_info.json in the teacher directory)")
     data: Path = Field(description="a `data prepare` directory (train/valid/test.parquet), or `bundled`: the "
@@ -199,6 +203,7 @@ class Inputs:
     train_hash: str
     valid_hash: str
     test_hash: str
+    teacher_hf_hash: str | None = None  # the online teacher's weights (okd / on_policy students only)
 
 
 def expand(grid: GridSpec, inputs: Inputs) -> list[Unit]:
@@ -235,6 +240,8 @@ def expand(grid: GridSpec, inputs: Inputs) -> list[Unit]:
                             "loss": loss.training_fields(), "seed": seed, "valid": inputs.valid_hash,
                             "valid_rows": grid.valid_rows, "settings": s.model_dump(),
                         }
+                        if needs_online_teacher(loss.name):  # the teacher it runs beside it, by content
+                            student_fields["teacher_hf"] = inputs.teacher_hf_hash
                         coords = {"kind": "student", "method": method_label(loss), "size": size_label(size),
                                   "noise_kind": noise.kind, "noise_rate": noise.rate, "seed": seed,
                                   "decoding": "references" if loss.name in REFERENCE_LOSSES else decoding}

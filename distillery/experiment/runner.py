@@ -27,6 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.errors import RunError
+from trainers.online import needs_online_teacher
 
 from .grid import GridSpec, Inputs, Unit, content_key, expand
 from .records import ResultRow
@@ -49,6 +50,7 @@ class Paths:
     train: Path
     valid: Path
     test: Path
+    teacher_hf: Path | None = None  # for okd / on_policy students
 
 
 @dataclass
@@ -154,10 +156,26 @@ def prepare_inputs(grid: GridSpec, cache: Path) -> tuple[Inputs, Paths]:
         key = content_key("slice", {"source": source_hash, "rows": rows, "slicing": SLICING})
         identity = source_hash if rows is None else f"{source_hash}:{rows}:{SLICING}"
         splits[split] = (_slice(path, rows, cache / "data" / key / f"{split}.parquet"), identity)
-    inputs = Inputs(teacher_hash=model_hash(grid.teacher), vocab_hash=vocab_hash,
-                    train_hash=splits["train"][1], valid_hash=splits["valid"][1], test_hash=splits["test"][1])
+    teacher_hash = model_hash(grid.teacher)
+    teacher_hf = None
+    if any(needs_online_teacher(loss.name) for loss in grid.methods):
+        teacher_hf = grid.teacher_hf or _teacher_back(grid.teacher, cache / "teachers" / f"{teacher_hash}-hf")
+        if not (teacher_hf / "model.safetensors").is_file():
+            raise InputError(f"grid {grid.name!r}: teacher_hf {teacher_hf} holds no model.safetensors")
+    inputs = Inputs(teacher_hash=teacher_hash, vocab_hash=vocab_hash,
+                    train_hash=splits["train"][1], valid_hash=splits["valid"][1], test_hash=splits["test"][1],
+                    teacher_hf_hash=file_hash(teacher_hf / "model.safetensors") if teacher_hf else None)
     return inputs, Paths(cache=cache, teacher=grid.teacher, train=splits["train"][0], valid=splits["valid"][0],
-                         test=splits["test"][0])
+                         test=splits["test"][0], teacher_hf=teacher_hf)
+
+
+def _teacher_back(ct2_dir: Path, out: Path) -> Path:
+    """The CTranslate2 teacher as a Hugging Face checkpoint in the cache (converted and parity-checked once)."""
+    from trainers.ct2_back import save_back
+
+    if not (out / "model.safetensors").is_file():
+        save_back(ct2_dir, out)
+    return out
 
 
 def bundled_data(cache: Path) -> Path:
@@ -212,6 +230,7 @@ def _student(unit: Unit, grid: GridSpec, paths: Paths, needs: dict) -> dict:
         dataset=DatasetRef(store=dataset["store"], name=dataset["dataset"]),
         valid=paths.valid, test=None, tokenizer=paths.teacher, out=paths.cache / "students" / f"s-{unit.key}",
         size=ModelSize(**f["size"]), loss=LossConfig(**f["loss"]), workers=s.workers,
+        teacher_hf=paths.teacher_hf if needs_online_teacher(f["loss"]["name"]) else None,
         threads_per_worker=s.threads_per_worker, bleu_sentences=s.bleu_sentences,
         # Selected by greedy valid BLEU: NLL on references is the wrong yardstick for students that learn the
         # teacher's translations. Patience is off: every student gets the same step budget.

@@ -64,9 +64,13 @@ def main_table(aggs: Sequence[Aggregate], teacher: Aggregate | None) -> str:
         speed = a.stat("sentences_per_s")
         rows.append([a.method, a.size, fmt_params(a.parameters), a.noise_label, a.decoding, fmt_ci(a.stat("bleu")),
                      fmt_ci(a.stat("chrf"), with_n=False), "–" if share is None else f"{100 * share:.1f} %",
-                     fmt_mean(speed), f"{speed.mean / teacher_speed:.2f}×" if teacher_speed else "–"])
+                     fmt_mean(speed), f"{speed.mean / teacher_speed:.2f}×" if teacher_speed else "–",
+                     fmt_ci(a.stat("train_minutes"), 1, with_n=False)])
+    # Training minutes: wall clock of one student's run (what the online losses trade against quality); machines
+    # and loads differ between grids, so compare them within a grid.
     return markdown_table(["method", "size", "params", "noise", "decoding", "BLEU ± 95 % CI (seeds)",
-                           "chrF ± 95 % CI", "% of teacher BLEU", "sentences/s", "speed-up vs teacher"], rows)
+                           "chrF ± 95 % CI", "% of teacher BLEU", "sentences/s", "speed-up vs teacher",
+                           "train min ± 95 % CI"], rows)
 
 
 def decoding_table(aggs: Sequence[Aggregate]) -> str | None:

@@ -182,12 +182,20 @@ def test_markdown_tables_hold_the_aggregated_numbers(tmp_path):
     noisy = next(r for r in main if (r["method"], r["size"], r["noise"]) == ("token", "mini", "deletion 0.3"))
     assert ci_cell(noisy["BLEU ± 95 % CI (seeds)"])[0] == 12  # 17 - 6 + 1
     assert len(main) == 3 * 5  # 3 sizes × (token clean, deletion 0.1, 0.3; sentence beam, greedy)
-
     sentence_tiny = next(r for r in decoding if (r["method"], r["size"], r["noise"]) == ("sentence", "tiny", "clean"))
     assert ci_cell(sentence_tiny["beam"])[0] == 10 and ci_cell(sentence_tiny["greedy"])[0] == 8
     assert sentence_tiny["teacher_forcing"] == "–"
     assert "![BLEU vs student parameters](g-bleu-vs-parameters.png)" in md
     assert "![BLEU vs noise rate](g-bleu-vs-noise.png)" in md
+
+
+def test_main_table_reports_training_minutes(tmp_path):
+    """What the online losses trade against quality: each group's training wall clock, mean ± CI over seeds."""
+    rows = [teacher()] + [student("okd", "tiny", seed, 5.0, train_minutes=minutes)
+                          for seed, minutes in ((1, 10.0), (2, 12.0), (3, 14.0))]
+    md = write_markdown(rows, tmp_path / "r.md", title="t", command="c").read_text()
+    (row,) = tables(md)[1]
+    assert row["train min ± 95 % CI"] == "12.0 ± 5.0"  # t(0.975, 2) · 2 / √3 = 4.97
 
 
 def test_plots_are_real_pngs(tmp_path):
