@@ -341,7 +341,7 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
 
     cache = cache.resolve()
     inputs, paths = prepare_inputs(grid, cache)
-    paths = Paths(**{k: Path(v).resolve() for k, v in paths.__dict__.items()})
+    paths = Paths(**{k: None if v is None else Path(v).resolve() for k, v in paths.__dict__.items()})
     units = expand(grid, inputs)
     run = GridRun(units=units)
     results: dict[str, dict] = {}
@@ -362,7 +362,8 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
     all_cpus = int(ray.cluster_resources().get("CPU", 1))
     # Units start here, in order, when their inputs are finished and their CPUs are free — not all at once: a
     # student submitted early would sit in Ray holding a worker process (torch loaded) until its trainer got CPUs,
-    # and the trainers would take them in any order, so an interrupted grid would hold no whole seed.
+    # and the trainers would take them in any order, so an interrupted grid would hold no whole seed. Exclusive
+    # evaluations wait for a moment when nothing runs (in practice: after the students they can run beside).
     queue = sorted(todo, key=lambda u: u.coords.get("seed") or 0)  # stable: dependencies still come first
     running: dict[ray.ObjectRef, Unit] = {}
     free, lost = all_cpus, set()  # lost: keys of units that failed or were blocked
@@ -378,6 +379,10 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
                 continue
             if any(k not in results for k in unit.needs):
                 continue  # an input is still running: later units may start meanwhile
+            if unit.kind == "eval" and grid.eval.exclusive and running:
+                # It times the model on an idle machine: it starts when nothing runs, and holds up no one until
+                # then (waiting in line, it idled a core for a whole student run each time a student finished).
+                continue
             seed = unit.coords.get("seed") or 0
             if waiting_seed is not None and seed > waiting_seed:
                 break
