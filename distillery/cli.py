@@ -47,7 +47,8 @@ app = _App(help="Build knowledge-distillation corpora with a CTranslate2 teacher
            no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Corpora: prepare (validate + split) and rebuild the bundled one.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="The shared subword vocabulary.", no_args_is_help=True)
-teacher_app = typer.Typer(help="Train a Marian teacher, or check a converted one.", no_args_is_help=True)
+teacher_app = typer.Typer(help="Train a Marian teacher, check a converted one, or convert one back to Hugging Face.",
+                          no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(teacher_app, name="teacher")
@@ -364,6 +365,28 @@ def teacher_check(
     result = require_parity(model, hf, sentences=pairs, compute_type=compute_type, threads=threads)
     console.print(result.summary(), highlight=False, soft_wrap=True)
     console.print(result.verdict(), highlight=False, soft_wrap=True)
+
+
+@teacher_app.command("to-hf")
+@friendly_errors
+def teacher_to_hf(
+    model: Annotated[Path, typer.Argument(help="CTranslate2 Marian model directory, with its tokenizer")],
+    out: Annotated[Path, typer.Option(help="Hugging Face checkpoint directory to write")],
+    sentences: Annotated[Path | None, typer.Option(help="pairs for the check: TSV source<TAB>target, or Parquet / "
+                                                        "JSONL with source, target")] = None,
+    threads: Annotated[int, typer.Option(help="CTranslate2 threads for the check")] = 2,
+) -> None:
+    """Convert a CTranslate2 Marian model back to a Hugging Face MarianMTModel (float32; int8 weights dequantized),
+    for work that needs the teacher in torch; then check it against the CTranslate2 model (as `teacher check`
+    does). A mismatch writes nothing (exit 1)."""
+    from trainers.ct2_back import save_back
+    from trainers.parity import load_sentences
+
+    quiet_libraries()
+    pairs = load_sentences(sentences) if sentences is not None else None
+    save_back(model, out, sentences=pairs, threads=threads,
+              on_check=lambda res: console.print(res.summary(), highlight=False, soft_wrap=True))
+    console.print(f"Hugging Face MarianMTModel (float32) → {out}", soft_wrap=True)
 
 
 @app.command("eval")

@@ -160,7 +160,7 @@ def start_row_problem(row: StartRow, hf_dir: Path | str) -> str:
 
 def check_parity(ct2_dir: str | Path, hf_dir: str | Path, *, sentences: list[tuple[str, str]] | None = None,
                  compute_type: str = "default", threads: int = 2, hf_label: str | None = None,
-                 judge: bool = True) -> ParityResult:
+                 judge: bool = True, tier: str | None = None) -> ParityResult:
     """Scores ``sentences`` with the CTranslate2 model and with the Hugging Face model it was converted from.
 
     Args:
@@ -173,6 +173,9 @@ def check_parity(ct2_dir: str | Path, hf_dir: str | Path, *, sentences: list[tup
         hf_label: how messages name the checkpoint (default ``hf_dir``), e.g. when ``hf_dir`` is a temporary copy.
         judge: hold the log-prob gap to the tier's tolerance; False only measures it (a quantized export whose
             float32 conversion already passed the exact check: its gap is rounding, however sharp the model).
+        tier: the tolerance tier to judge by, instead of the one the weights and compute type imply: EXACT for a
+            Hugging Face model dequantized from the CTranslate2 weights themselves, run against CTranslate2 in
+            float32 (``trainers.ct2_back``).
 
     Returns:
         The numbers and the verdict (``passed``, ``problems``); nothing is raised on a mismatch.
@@ -193,7 +196,7 @@ def check_parity(ct2_dir: str | Path, hf_dir: str | Path, *, sentences: list[tup
     tgt = [_cut(ids, limit, tok.eos_id) for ids in tok.encode_target([t for _, t in pairs])]
     translator = load_translator(ct2_dir, compute_type=compute_type, intra_threads=threads)
     weights = stored_weight_types(ct2_dir)  # on a CPU, float16 weights run as float32: the compute type hides them
-    tier = EXACT if weights == {"float32"} and translator.compute_type == "float32" else QUANTIZED
+    tier = tier or (EXACT if weights == {"float32"} and translator.compute_type == "float32" else QUANTIZED)
     start_row = decoder_start_row(model, tok)
     problems = [] if start_row.is_zero else [start_row_problem(start_row, hf_label or hf_dir)]
     ct2_vocab, hf_vocab = model_vocabulary(ct2_dir), _ordered_vocab(tok)
