@@ -46,7 +46,7 @@ def shared_cache(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["demo", *READY])
+@pytest.mark.parametrize("name", ["demo", *READY, "okd"])  # okd: the online teacher, converted back into the cache
 def test_quick_variant_runs_and_writes_its_results(name, ray_local, shared_cache, tmp_path, monkeypatch):
     from distillery.experiment.report import read_csv
 
@@ -68,6 +68,9 @@ def test_quick_variant_runs_and_writes_its_results(name, ray_local, shared_cache
         assert f"{row.bleu:.2f}" in markdown
     if name == "noise":  # two noise rates: the noise plot is drawn
         assert (out / f"{grid.name}-bleu-vs-noise.png").stat().st_size > 10_000
+    if name == "okd":  # the students ran beside the teacher the grid converted back, and say how long they took
+        assert len(list((shared_cache / "teachers").glob("*-hf/model.safetensors"))) == 1
+        assert all(r.train_minutes > 0 for r in students)
 
 
 @pytest.mark.slow
