@@ -50,11 +50,15 @@ TITLES = {
     "c": "For sentence-level KD, beam data beats greedy and teacher-forcing data",
     "d": "Student capacity pays, with diminishing returns: where it stops paying",
     "e": "Headline: the smallest student keeping ≥ 95 % of the teacher's BLEU (goal: ≤ ¼ of its parameters)",
+    "f": "A learned hybrid gate beats token-level KD, sentence-level KD and the best fixed mix",
+    "g": "Online KD matches or beats on-policy distillation in less training time",
+    "h": "A student that learns its FFN width beats a fixed one of the same final parameter count",
 }
+SAME_SIZE = 0.10  # (h): a fixed student within 10 % of the gated one's pruned parameter count is "the same size"
 
 
 def evaluate_claims(aggs: Sequence[Aggregate]) -> list[Claim]:
-    """The verdict on each claim (a–e) from the aggregated rows of one grid.
+    """The verdict on each claim (a–h) from the aggregated rows of one grid.
 
     Raises:
         ValueError: rows of several grids (each grid is its own experiment).
@@ -67,6 +71,7 @@ def evaluate_claims(aggs: Sequence[Aggregate]) -> list[Claim]:
     checks: dict[str, Callable[[], tuple[Verdict, str]]] = {
         "a": lambda: _capacity_crossover(students), "b": lambda: _noise_robustness(students),
         "c": lambda: _decoding(students), "d": lambda: _capacity(students), "e": lambda: _headline(students, teacher),
+        "f": lambda: _hybrid_gates(students), "g": lambda: _online(students), "h": lambda: _adaptive(students),
     }
     return [Claim(key, TITLES[key], *check()) for key, check in checks.items()]
 
@@ -78,6 +83,10 @@ def _diff(stat: Stat) -> str:
     if stat.half is None:
         return f"{stat.mean:+.2f} BLEU (one seed: no CI)"
     return f"{stat.mean:+.2f} ± {stat.half:.2f} BLEU"
+
+
+def _diff_minutes(stat: Stat) -> str:
+    return f"{stat.mean:+.1f}" + (" min (one seed: no CI)" if stat.half is None else f" ± {stat.half:.1f} min")
 
 
 def _bleu(agg: Aggregate) -> str:
@@ -272,3 +281,97 @@ def _headline(students: Sequence[Aggregate], teacher: Aggregate | None) -> tuple
         return Verdict.INCONCLUSIVE, (f"the smallest student keeping ≥ 95 % on average is {describe(pick)}; its "
                                       f"CI reaches below 95 % ({HEADLINE_SHARE * t_bleu:.2f}).")
     return Verdict.SUPPORTED, f"the smallest student keeping ≥ 95 % is {describe(pick)}."
+
+
+def _is_fixed_gate(method: str) -> bool:
+    return method.startswith("hybrid[") and "gate=fixed" in method
+
+
+def _hybrid_gates(students: Sequence[Aggregate]) -> tuple[Verdict, str]:
+    """(f) per size on clean data: the best learned gate (highest mean BLEU among the hybrids that are not
+    ``gate=fixed``) − token, − sentence and − the best fixed g. Picking the best of several gates favours them;
+    the sentence names every gate so a reader can discount it."""
+    clean = _clean(students)
+    verdicts, parts = [], []
+    for params in sorted({a.parameters for a in clean}):
+        here = _where(clean, parameters=params)
+        learned = [a for a in here if a.method.split("[")[0] == "hybrid" and not _is_fixed_gate(a.method)]
+        fixed = [a for a in here if _is_fixed_gate(a.method)]
+        tok, sen = _where(here, method="token"), _where(here, method="sentence")
+        if not (learned and fixed and tok and sen):
+            continue
+        best = max(learned, key=lambda a: a.stat("bleu").mean)
+        best_fixed = max(fixed, key=lambda a: a.stat("bleu").mean)
+        rivals = [("token", _choose(tok, "token")), ("sentence", _choose(sen, "sentence")),
+                  (f"best fixed {best_fixed.method}", best_fixed)]
+        diffs = [(name, other, contrast([(1, best), (-1, other)])) for name, other in rivals]
+        verdicts.append(_direction([d.sign() for _, _, d in diffs]))
+        gates = ", ".join(f"{a.method} {_bleu(a)}" for a in sorted(learned + fixed, key=lambda a: a.method))
+        parts.append(f"{best.size}: best learned gate {best.method} ({_bleu(best)}) − "
+                     + ", − ".join(f"{name} ({_bleu(other)}) {_diff(d)}" for name, other, d in diffs)
+                     + f" [every hybrid: {gates}]")
+    if not parts:
+        return Verdict.NOT_MEASURED, ("needs, at one size on clean data, token- and sentence-level students, a "
+                                      "learned hybrid gate and a fixed-g hybrid.")
+    return _combine(verdicts), "; ".join(parts) + "."
+
+
+def _online(students: Sequence[Aggregate]) -> tuple[Verdict, str]:
+    """(g) per size on clean data: okd − on_policy BLEU and on_policy − okd training minutes. Supported when OKD
+    is faster (the time difference counts) and its BLEU is not lower (that difference does not count negative);
+    contradicted when either counts the other way; inconclusive otherwise. Forward and reverse KL from the cached
+    top-k are quoted beside them when the grid has them."""
+    clean = _clean(students)
+    verdicts, parts = [], []
+    for params in sorted({a.parameters for a in clean}):
+        here = _where(clean, parameters=params)
+        okd, policy = _where(here, method="okd"), _where(here, method="on_policy")
+        if not (okd and policy):
+            continue
+        okd, policy = okd[0], policy[0]
+        bleu = contrast([(1, okd), (-1, policy)])
+        minutes = contrast([(1, policy), (-1, okd)], metric="train_minutes")
+        if bleu.sign() < 0 or minutes.sign() < 0:
+            verdict = Verdict.CONTRADICTED
+        else:
+            verdict = Verdict.SUPPORTED if minutes.sign() > 0 else Verdict.INCONCLUSIVE
+        verdicts.append(verdict)
+        t_okd, t_policy = okd.stat("train_minutes").mean, policy.stat("train_minutes").mean
+        ratio = f"{t_policy / t_okd:.2f}×" if t_okd > 0 else "n/a"
+        text = (f"{okd.size}: okd {_bleu(okd)} BLEU in {t_okd:.1f} min, on_policy {_bleu(policy)} in {t_policy:.1f} "
+                f"min; okd − on_policy {_diff(bleu)}, on_policy − okd {_diff_minutes(minutes)} ({ratio} okd's time)")
+        others = [(m, _where(here, method=m)[0]) for m in ("token", "reverse_kl") if _where(here, method=m)]
+        if others:
+            text += " (" + "; ".join(f"{m} {_bleu(a)} in {a.stat('train_minutes').mean:.1f} min"
+                                     for m, a in others) + ")"
+        parts.append(text)
+    if not parts:
+        return Verdict.NOT_MEASURED, "needs okd and on_policy students of one size on clean data."
+    return _combine(verdicts), "; ".join(parts) + "."
+
+
+def _adaptive(students: Sequence[Aggregate]) -> tuple[Verdict, str]:
+    """(h) each method's gated students (size label ``…-gates``, placed at their pruned parameter count) − the
+    fixed student of that method whose parameter count is nearest, if within ``SAME_SIZE`` of it."""
+    clean = _clean(students)
+    verdicts, parts = [], []
+    for gated in (a for a in clean if "-gates" in a.size):
+        fixed = [a for a in _where(clean, method=gated.method, decoding=gated.decoding) if "-gates" not in a.size]
+        if not fixed:
+            continue
+        near = min(fixed, key=lambda a: abs(a.parameters - gated.parameters))
+        if abs(near.parameters - gated.parameters) > SAME_SIZE * gated.parameters:
+            parts.append(f"{gated.method} {gated.size} ({fmt_params(gated.parameters)} after pruning): no fixed "
+                         f"student within {SAME_SIZE:.0%} of its size (nearest {near.size}, "
+                         f"{fmt_params(near.parameters)})")
+            continue
+        diff = contrast([(1, gated), (-1, near)])
+        verdicts.append(_direction([diff.sign()]))
+        parts.append(f"{gated.method}: gated {gated.size} ({fmt_params(gated.parameters)} after pruning, "
+                     f"{_bleu(gated)}) − fixed {near.size} ({fmt_params(near.parameters)}, {_bleu(near)}) "
+                     f"{_diff(diff)}")
+    if not verdicts:
+        return Verdict.NOT_MEASURED, ("needs a student with learned FFN width and a fixed one of the same method "
+                                      "within 10 % of its pruned size" + (": " + "; ".join(parts) if parts else "")
+                                      + ".")
+    return _combine(verdicts), "; ".join(parts) + "."

@@ -10,7 +10,7 @@ import re
 import pytest
 from PIL import Image
 
-from distillery.experiment.claims import Verdict, evaluate_claims
+from distillery.experiment.claims import TITLES, Verdict, evaluate_claims
 from distillery.experiment.records import CSV_COLUMNS, ResultRow
 from distillery.experiment.report import read_csv, write_csv, write_markdown, write_results_doc
 from distillery.experiment.stats import aggregate, contrast, mean_ci, t_quantile
@@ -333,7 +333,7 @@ def test_results_doc_assembles_grids_and_keeps_readings(tmp_path):
     assert (tmp_path / "docs" / "results" / "capacity-bleu-vs-parameters.png").stat().st_size > 20_000
     assert "![BLEU vs student parameters](results/capacity-bleu-vs-parameters.png)" in doc
     claims_part = doc[doc.index("## The research's claims"):]
-    assert claims_part.count("**Reading:** …") == 5
+    assert claims_part.count("**Reading:** …") == len(TITLES)  # one per claim, a–h
     assert "- **decoding** — supported: sentence-level, tiny, clean: beam − greedy +2.30" in claims_part
     # A human writes a reading; regenerating keeps it.
     out.write_text(doc.replace("**Reading:** … _(placeholder", "**Reading:** beam wins here. _(was placeholder", 1))
@@ -344,3 +344,55 @@ def test_results_doc_assembles_grids_and_keeps_readings(tmp_path):
     with pytest.raises(FileNotFoundError):
         write_results_doc([tmp_path / "missing"], tmp_path / "other.md", command=command)
     assert not (tmp_path / "other.md").exists()
+
+
+def test_claim_f_compares_the_best_learned_gate_with_token_sentence_and_the_best_fixed_mix():
+    base = seeds("token", "tiny", [10, 10.5, 11]) + seeds("sentence", "tiny", [9, 9.5, 10])
+    fixed = (seeds("hybrid[g=0.25,gate=fixed]", "tiny", [10.5, 11, 11.5])
+             + seeds("hybrid[g=0.75,gate=fixed]", "tiny", [9, 9.4, 9.8]))
+    learned = (seeds("hybrid[gate=heldout]", "tiny", [12, 12.6, 13.1])
+               + seeds("hybrid[gate=uncertainty]", "tiny", [8, 8.5, 9]))
+    v, sentence = verdict(base + fixed + learned, "f")
+    assert v is Verdict.SUPPORTED
+    assert "best learned gate hybrid[gate=heldout]" in sentence and "best fixed hybrid[g=0.25,gate=fixed]" in sentence
+    assert "hybrid[gate=uncertainty] 8.50" in sentence  # every gate is named, not only the winner
+    losing = base + fixed + seeds("hybrid[gate=heldout]", "tiny", [9, 9.5, 10])  # below the best fixed g
+    assert verdict(losing, "f")[0] is Verdict.CONTRADICTED
+    assert verdict(base + learned, "f")[0] is Verdict.NOT_MEASURED  # no fixed-g baseline to beat
+
+
+def online_rows(okd_bleu, okd_minutes, policy_bleu, policy_minutes) -> list[ResultRow]:
+    return [student(method, "tiny", seed, bleu, decoding="teacher_forcing", train_minutes=minutes)
+            for method, bleus, minutes_ in (("okd", okd_bleu, okd_minutes), ("on_policy", policy_bleu, policy_minutes))
+            for seed, bleu, minutes in zip((1, 2, 3), bleus, minutes_, strict=True)]
+
+
+def test_claim_g_okd_against_on_policy_in_quality_and_time():
+    token = seeds("token", "tiny", [8, 8.2, 8.1], train_minutes=20.0)
+    faster = online_rows([10, 10.4, 9.9], [60, 62, 61], [10.2, 10.1, 10.0], [90, 95, 92])
+    v, sentence = verdict(faster + token, "g")
+    assert v is Verdict.SUPPORTED  # the BLEU difference is within its CI, the time difference counts
+    assert "okd − on_policy +0.00" in sentence and "1.51× okd's time" in sentence and "token 8.10" in sentence
+    assert verdict(online_rows([10, 10.4, 9.9], [100, 101, 102], [10.2, 10.1, 10.0], [90, 95, 92]),
+                   "g")[0] is Verdict.CONTRADICTED  # slower
+    assert verdict(online_rows([8, 8.1, 8.2], [60, 62, 61], [10, 10.1, 10.2], [90, 95, 92]),
+                   "g")[0] is Verdict.CONTRADICTED  # worse
+    assert verdict(online_rows([10, 10.4, 9.9], [90, 96, 91], [10.2, 10.1, 10.0], [90, 95, 92]),
+                   "g")[0] is Verdict.INCONCLUSIVE  # as slow
+    assert verdict(token, "g")[0] is Verdict.NOT_MEASURED
+
+
+def sized(method, label, parameters, values) -> list[ResultRow]:
+    return [r.model_copy(update={"size": label, "parameters": parameters}) for r in seeds(method, "tiny", values)]
+
+
+def test_claim_h_gated_student_against_the_fixed_one_of_its_pruned_size():
+    gated = sized("token", "d128-e3-d3-f512-gates", 1_950_000, [12, 12.5, 13])
+    half = sized("token", "d128-e3-d3-f256", 2_000_000, [10, 10.5, 11])
+    full = seeds("token", "mini", [14, 14.5, 15])
+    v, sentence = verdict(gated + half + full, "h")
+    assert v is Verdict.SUPPORTED and "fixed d128-e3-d3-f256 (2.00M" in sentence  # the nearest size, not mini
+    assert verdict(sized("token", "d128-e3-d3-f512-gates", 1_950_000, [9, 9.5, 10]) + half + full,
+                   "h")[0] is Verdict.CONTRADICTED
+    v, sentence = verdict(gated + full, "h")  # mini is twice its size: not a like-for-like comparison
+    assert v is Verdict.NOT_MEASURED and "no fixed student within 10%" in sentence
