@@ -22,6 +22,7 @@ from .plots import bleu_vs_noise, bleu_vs_parameters
 from .records import CSV_COLUMNS, ResultRow
 from .stats import Aggregate, aggregate
 from .tables import decoding_table, main_table, teacher_of, teacher_table
+from .trajectories import read_trajectories, trajectory_tables
 
 RESULTS_CSV = "results.csv"
 
@@ -67,8 +68,10 @@ def read_csv(path: Path) -> list[ResultRow]:
     return rows
 
 
-def write_markdown(rows: Sequence[ResultRow], path: Path, *, title: str, command: str) -> Path:
-    """``results.md`` of one or more grids, its plots written beside it (``<grid>-bleu-vs-*.png``).
+def write_markdown(rows: Sequence[ResultRow], path: Path, *, title: str, command: str,
+                   units_dir: Path | None = None) -> Path:
+    """``results.md`` of one or more grids, its plots written beside it (``<grid>-bleu-vs-*.png``); with
+    ``units_dir`` (the results' unit markers) the trajectory tables of its students' gates and FFN widths.
 
     Raises:
         InputError: no rows.
@@ -76,8 +79,10 @@ def write_markdown(rows: Sequence[ResultRow], path: Path, *, title: str, command
     path = Path(path)
     aggs = _aggregate(rows)
     lines = [_regenerate(command), "", f"# {title}", "", _METHOD, "", "## Teacher", "", teacher_table(aggs), ""]
+    markers = read_trajectories(units_dir) if units_dir is not None else []
     for grid in _grids(aggs):
-        lines += _grid_section([a for a in aggs if a.grid == grid], path.parent, "", claims_detail=True)
+        lines += _grid_section([a for a in aggs if a.grid == grid], path.parent, "", claims_detail=True,
+                               trajectories=[m for m in markers if m.get("grid", grid) == grid])
     _write_text(path, "\n".join(lines))
     return path
 
@@ -93,11 +98,14 @@ def write_results_doc(grid_dirs: Sequence[Path], out: Path, *, command: str) -> 
     """
     out = Path(out)
     aggs: list[Aggregate] = []
+    trajectories: dict[str, list[dict]] = {}
     for directory in grid_dirs:
         found = _aggregate(read_csv(Path(directory) / RESULTS_CSV))
         if twice := set(_grids(found)) & set(_grids(aggs)):
             raise InputError(f"{directory}: grid {sorted(twice)[0]!r} is also in an earlier directory")
         aggs += found
+        for grid in _grids(found):
+            trajectories[grid] = read_trajectories(Path(directory) / "units")
     grids = _grids(aggs)
     claims = {g: {c.key: c for c in evaluate_claims([a for a in aggs if a.grid == g])} for g in grids}
     readings = _readings(out)
@@ -106,7 +114,7 @@ def write_results_doc(grid_dirs: Sequence[Path], out: Path, *, command: str) -> 
     lines += ["", "## Teachers", "", teacher_table(aggs), ""]
     for grid in grids:
         lines += _grid_section([a for a in aggs if a.grid == grid], out.parent / "results", "results/",
-                               claims_detail=False)
+                               claims_detail=False, trajectories=trajectories.get(grid, []))
     lines += ["## The research's claims", "", _VERDICTS, ""]
     for key, title in TITLES.items():
         lines += [f"### ({key}) {title}", ""]
@@ -143,7 +151,8 @@ def _grids(aggs: Sequence[Aggregate]) -> list[str]:
     return list(dict.fromkeys(a.grid for a in aggs))
 
 
-def _grid_section(aggs: list[Aggregate], plot_dir: Path, link: str, *, claims_detail: bool) -> list[str]:
+def _grid_section(aggs: list[Aggregate], plot_dir: Path, link: str, *, claims_detail: bool,
+                  trajectories: Sequence[dict] = ()) -> list[str]:
     grid = aggs[0].grid
     teacher = teacher_of(aggs, grid)
     lines = [f"## Grid `{grid}`", "", main_table(aggs, teacher), "", "### Decoding strategies", ""]
@@ -159,6 +168,8 @@ def _grid_section(aggs: list[Aggregate], plot_dir: Path, link: str, *, claims_de
         if plot.path is None:
             target.unlink(missing_ok=True)  # a plot of an earlier, larger version of the grid would be stale
         lines += [f"![{plot.title}]({link}{plot.path.name})" if plot.path else f"_{plot.note}_", ""]
+    if blocks := trajectory_tables(trajectories):
+        lines += ["### Trajectories", "", *(line for block in blocks for line in (block, ""))]
     measured = [c for c in evaluate_claims(aggs) if c.verdict is not Verdict.NOT_MEASURED]
     lines += ["### Claims measured by this grid", ""]
     lines += [f"- ({c.key}) {c.title} — **{c.verdict}**" + (f": {c.sentence}" if claims_detail else "")

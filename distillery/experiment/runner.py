@@ -239,9 +239,24 @@ def _student(unit: Unit, grid: GridSpec, paths: Paths, needs: dict) -> dict:
                           select_by="valid_bleu", seed=f["seed"]),
     )
     results = train_student(cfg)
-    return {"run": str(cfg.out), "model": str(cfg.out / "ct2")} | {
+    return {"run": str(cfg.out), "model": str(cfg.out / "ct2"), "trajectory": _trajectory(cfg.out)} | {
         k: results[k] for k in ("parameters", "steps", "train_minutes", "selected_step", "selected_valid_bleu",
                                 "stopped", "gate")}
+
+
+TRAJECTORY_KEYS = ("step", "valid_loss", "valid_bleu", "gate", "ffn_open", "ffn_expected_open")
+
+
+def _trajectory(run: Path) -> list[dict]:
+    """The student's validations (what the report's trajectory tables read): step, NLL, BLEU and, where the
+    student has them, its hybrid gate and kept FFN fraction — the last record of each step (a resumed run
+    validates again where it stopped)."""
+    by_step = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "valid":
+            by_step[record["step"]] = {k: record[k] for k in TRAJECTORY_KEYS if record.get(k) is not None}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def _eval(unit: Unit, grid: GridSpec, paths: Paths, needs: dict) -> dict:
@@ -281,7 +296,8 @@ def _run_unit(unit: Unit, grid_json: str, paths: Paths, *needs: dict) -> dict:
             from pipeline.errors import message
 
             return {"error": f"{message(exc)} (log: {log})"}
-    result |= {"unit": unit.name, "fields": unit.fields, "seconds": round(time.monotonic() - started, 1)}
+    result |= {"unit": unit.name, "fields": unit.fields, "coords": unit.coords,
+               "seconds": round(time.monotonic() - started, 1)}
     _write_json_atomic(marker_path(paths.cache, unit), result)
     return result
 
@@ -445,7 +461,8 @@ def write_outputs(grid: GridSpec, run: GridRun, out: Path, *, cache: Path, comma
         if (marker := read_marker(cache, unit)) is not None:
             _write_json_atomic(out / UNIT_DIR / f"{unit.name}.json", marker)
     if run.rows:  # nothing evaluated yet (every unit failed): the failures are what the caller reports
-        report.write_markdown(run.rows, out / "results.md", title=f"Grid {grid.name}", command=command)
+        report.write_markdown(run.rows, out / "results.md", title=f"Grid {grid.name}", command=command,
+                              units_dir=out / UNIT_DIR)
     (out / "units.json").write_text(json.dumps({
         "reused": run.reused, "ran": run.ran, "failed": run.failed, "blocked": run.blocked,
         "units": [{"name": u.name, "kind": u.kind, "coords": u.coords} for u in run.units]}, indent=2))

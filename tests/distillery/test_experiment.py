@@ -160,6 +160,9 @@ def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_loc
         assert (row.parameters, row.steps) == (results["parameters"], results["steps"]) and row.steps == 4
         assert row.test_sentences == 20 and row.sentences_per_s > 0 and row.tokens_per_s > 0
         assert row.teacher_bleu == rows[0].bleu
+        marker = json.loads((cache / "units" / f"student-{row.unit}.json").read_text())
+        # What the report's trajectory tables read: every validation, once (a resumed student validates again).
+        assert [r["step"] for r in marker["trajectory"]] == [2, 4] and marker["coords"]["seed"] == row.seed
 
     again = run_grid(grid, cache=cache)
     assert again.ran == [] and set(again.reused) == every

@@ -4,6 +4,7 @@ and hand computations), results.md tables parsed back, plots, claims and docs/RE
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 
@@ -396,3 +397,38 @@ def test_claim_h_gated_student_against_the_fixed_one_of_its_pruned_size():
                    "h")[0] is Verdict.CONTRADICTED
     v, sentence = verdict(gated + full, "h")  # mini is twice its size: not a like-for-like comparison
     assert v is Verdict.NOT_MEASURED and "no fixed student within 10%" in sentence
+
+
+def gate_marker(units, method, seed, gates, **extra):
+    trajectory = [{"step": 200 * (i + 1), "valid_loss": 5.0, "gate": g, **extra} for i, g in enumerate(gates)]
+    coords = {"kind": "student", "method": method, "size": "tiny", "seed": seed, "noise_kind": "none",
+              "noise_rate": 0.0, "decoding": "beam"}
+    units.mkdir(parents=True, exist_ok=True)
+    (units / f"student-{method}-{seed}.json").write_text(json.dumps({"trajectory": trajectory, "coords": coords}))
+
+
+def test_trajectories_show_each_gate_at_each_validation_and_how_it_moved(tmp_path):
+    from distillery.experiment.trajectories import read_trajectories, trajectory_tables
+
+    units = tmp_path / "units"
+    gate_marker(units, "hybrid", 1, [0.52, 0.55, 0.61, 0.63])  # the drift the scalar gate is known for
+    gate_marker(units, "hybrid[gate=heldout]", 1, [0.5, 0.46, 0.49, 0.49])
+    gate_marker(units, "hybrid[g=0.5,gate=fixed]", 1, [0.5, 0.5, 0.5, 0.5])
+    (units / "student-token-1.json").write_text(json.dumps({"trajectory": [{"step": 200}], "coords": {}}))
+    (units / "eval-x.json").write_text("{}")
+    (block,) = trajectory_tables(read_trajectories(units))
+    rows = tables(block)[0]
+    assert [r["method"] for r in rows] == ["hybrid", "hybrid[g=0.5,gate=fixed]", "hybrid[gate=heldout]"]
+    assert rows[0]["step 200"] == "0.520" and rows[0]["step 800"] == "0.630"
+    assert [r["movement"] for r in rows] == ["rose at every validation", "constant", "moved both ways"]
+    assert trajectory_tables([]) == []
+
+
+def test_results_doc_has_the_trajectories_of_its_grids(tmp_path):
+    write_csv([r.model_copy(update={"grid": "gates"}) for r in [teacher(), *seeds("hybrid", "tiny", [5, 6, 7])]],
+              tmp_path / "gates" / "results.csv")
+    gate_marker(tmp_path / "gates" / "units", "hybrid", 1, [0.5, 0.6], ffn_open=0.9)
+    out = write_results_doc([tmp_path / "gates"], tmp_path / "RESULTS.md", command="c")
+    doc = out.read_text()
+    assert "### Trajectories" in doc and "Token weight g of the hybrid gate" in doc
+    assert "Kept fraction of FFN channels" in doc and "| hybrid | tiny | 1 | 0.900 | 0.900 | constant |" in doc
