@@ -164,9 +164,12 @@ def size_label(size: str | ModelSize) -> str:
 
 
 def method_label(loss: LossConfig) -> str:
-    """The loss name, with the options that differ from the defaults (``hybrid[gate=token]``)."""
-    default = LossConfig(name=loss.name).training_fields()
+    """The loss name, with the options that differ from the defaults (``hybrid[gate=token]``); a hybrid's gate
+    options against that gate's defaults (``hybrid[gate=heldout]``, ``hybrid[g=0.25,gate=fixed]``)."""
+    default = LossConfig(name=loss.name, gate=loss.gate).training_fields()
     changed = {k: v for k, v in loss.training_fields().items() if default.get(k) != v}
+    if loss.name == "hybrid" and loss.gate != "scalar":
+        changed["gate"] = loss.gate
     return loss.name + ("[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]" if changed else "")
 
 

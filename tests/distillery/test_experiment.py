@@ -222,3 +222,16 @@ def test_a_slice_spreads_over_its_whole_split(tmp_path):
     assert {i.split(".")[0] for i in ids} == {str(book) for book in range(1, 11)}, "every book is in the slice"
     assert _slice(src, None, tmp_path / "x.parquet") == src
     assert pq.read_table(_slice(src, 5000, tmp_path / "all" / "train.parquet")).num_rows == 1000
+
+
+def test_method_labels_name_what_differs_from_the_defaults():
+    from distillery.experiment.grid import method_label
+    from trainers.losses import LossConfig
+
+    assert method_label(LossConfig(name="hybrid")) == "hybrid"  # the scalar gate
+    assert method_label(LossConfig(name="hybrid", gate="heldout")) == "hybrid[gate=heldout]"
+    assert method_label(LossConfig(name="hybrid", gate="heldout", gate_every=2)) == "hybrid[gate=heldout,gate_every=2]"
+    assert method_label(LossConfig(name="hybrid", gate="fixed")) == "hybrid[gate=fixed]"  # g 0.5: still a fixed gate
+    assert method_label(LossConfig(name="hybrid", gate="fixed", g=0.25)) == "hybrid[g=0.25,gate=fixed]"
+    assert method_label(LossConfig(name="token", temperature=2.0)) == "token[temperature=2.0]"
+    assert method_label(LossConfig(name="okd", lora_rank=4)) == "okd[lora_rank=4]"
