@@ -56,6 +56,7 @@ def make_batch(k: int = 3, seed: int = 0) -> tuple[torch.Tensor, dict, torch.Ten
         "score": score,
         "hyp_rank": torch.zeros(B, dtype=torch.long),
         "hidden": torch.randn(B, T, D, generator=g),
+        "teacher_logits": teacher.masked_fill(pad[..., None], 0.0),  # the online losses' full distribution
     }
     return torch.randn(B, T, V, generator=g), batch, teacher
 
@@ -370,6 +371,7 @@ def test_padding_does_not_affect_any_loss(name):
         batch,
         hidden=batch["hidden"].masked_fill(pad[..., None], 1e3),
         tail_logprob=batch["tail_logprob"].masked_fill(pad, math.nan),
+        teacher_logits=batch["teacher_logits"].masked_fill(pad[..., None], math.nan),
     )
     torch.testing.assert_close(_call(name, noisy, noisy_batch), _call(name, logits, batch))
 
