@@ -82,7 +82,7 @@ def write_markdown(rows: Sequence[ResultRow], path: Path, *, title: str, command
     markers = read_trajectories(units_dir) if units_dir is not None else []
     for grid in _grids(aggs):
         lines += _grid_section([a for a in aggs if a.grid == grid], path.parent, "", claims_detail=True,
-                               trajectories=[m for m in markers if m.get("grid", grid) == grid])
+                               trajectories=markers)  # one grid's results directory holds one grid's units
     _write_text(path, "\n".join(lines))
     return path
 
