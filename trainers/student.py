@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -53,6 +54,8 @@ class StudentConfig(BaseModel):
     teacher_hf: Path | None = Field(None, description="the teacher as a Hugging Face Marian checkpoint, for the "
                                     "online losses okd and on_policy (`distillery teacher to-hf` writes one)")
     max_rank: int | None = Field(None, ge=1, description="use hypotheses with hyp_rank < max_rank")
+    shuffle_window: int = Field(50_000, gt=0, description="rows a worker holds decoded at most: the batch plan "
+                                "shuffles within windows of whole row groups of about this many rows")
     workers: int = Field(1, ge=1, description="Ray Train workers")
     threads_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
@@ -90,7 +93,7 @@ def training_rows(cfg: StudentConfig, tok, *, max_rank: int | None):
     if cfg.corpus is not None:
         return ReferenceCorpus(cfg.corpus, tokenizer=tok, max_positions=max_positions)
     return DistilledDataset(cfg.dataset.store, cfg.dataset.name, tokenizer=tok, endpoint=cfg.dataset.s3_endpoint,
-                            max_rank=max_rank, max_positions=max_positions)
+                            max_rank=max_rank, max_positions=max_positions, window=cfg.shuffle_window)
 
 
 def _worker_loop(config: dict) -> None:
@@ -100,7 +103,9 @@ def _worker_loop(config: dict) -> None:
     import ray.train.torch
 
     from pipeline.evaluate import decode_limit, score
+    from pipeline.run import peak_rss_mb
     from pipeline.tokenizer import Tokenizer
+    from trainers.batching import PlannedBatches
     from trainers.checkpoint import append_metrics
     from trainers.data import collate, worker_slice
     from trainers.glu import install_ffn_gates
@@ -119,7 +124,7 @@ def _worker_loop(config: dict) -> None:
     data = training_rows(cfg, tok, max_rank=cfg.max_rank)
     max_positions = resolve_size(cfg.size).max_positions
     if dist.is_main:  # results.json reports the last of these
-        append_metrics(cfg.out, {"event": "data", "rows": len(data.rows), "skipped_too_long": data.skipped_too_long,
+        append_metrics(cfg.out, {"event": "data", "rows": len(data), "skipped_too_long": data.skipped_too_long,
                                  "max_positions": max_positions})
     torch.manual_seed(cfg.optim.seed)
     model = build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id)
@@ -136,19 +141,21 @@ def _worker_loop(config: dict) -> None:
             model.online_modules = online.modules()  # optimised, clipped and checkpointed with the student
     if dist.world_size > 1:
         model = ray.train.torch.prepare_model(model)  # moves it to `device` and wraps it in DDP
-    rows, pad_id, opt = data.rows, tok.pad_id, cfg.optim
+    pad_id, opt = tok.pad_id, cfg.optim
     needs_hidden = cfg.loss.name == "hybrid" and cfg.loss.gate == "token"
 
-    def train_batches(epoch: int) -> list[dict]:
-        batches = []
-        for global_idx in data.plan(max_tokens=opt.max_tokens, seed=opt.seed, epoch=epoch):
-            local, weight = worker_slice(global_idx, dist.rank, dist.world_size), 1.0
-            if len(local) == 0:  # fewer rows than workers: join the step with a zero-weight row
-                local, weight = global_idx[:1], 0.0
-            batch = collate(rows, local, pad_id=pad_id, global_tokens=int(rows.target_tokens[global_idx].sum()))
-            batch["weight"] = weight
-            batches.append(batch)
-        return batches
+    def build(global_idx) -> dict:
+        """This worker's part of one global batch, its rows fetched from the shards now."""
+        local, weight = worker_slice(global_idx, dist.rank, dist.world_size), 1.0
+        if len(local) == 0:  # fewer rows than workers: join the step with a zero-weight row
+            local, weight = global_idx[:1], 0.0
+        rows = data.fetch(local)
+        batch = collate(rows, np.arange(len(rows)), pad_id=pad_id,
+                        global_tokens=int(data.target_tokens[global_idx].sum()))
+        return batch | {"weight": weight}
+
+    def train_batches(epoch: int) -> PlannedBatches:
+        return PlannedBatches(data.plan(max_tokens=opt.max_tokens, seed=opt.seed, epoch=epoch), build)
 
     def online_loss_fn(model, batch):
         # One worker (StudentConfig refuses more): the loss is a mean over this batch's own target tokens, which
@@ -219,6 +226,9 @@ def _worker_loop(config: dict) -> None:
     fit(model, train_batches=train_batches, valid_batches=valid[dist.rank::dist.world_size], loss_fn=loss_fn,
         valid_loss_fn=valid_loss_fn, cfg=opt, run_dir=cfg.out, tokenizer_dir=cfg.tokenizer, progress_bar=False,
         dist=dist, on_validate=on_validate, device=device, fingerprint=fp)
+    peaks = dist.all_gather(peak_rss_mb())  # per worker: what bench/trainer_memory.py reads
+    if dist.is_main:
+        append_metrics(cfg.out, {"event": "memory", "peak_rss_mb": peaks})
 
 
 @torch.no_grad()
@@ -273,6 +283,8 @@ def training_fingerprint(cfg: StudentConfig, data, tok) -> dict:
     fields = {"dataset": data_id, "max_rank": cfg.max_rank, "tokenizer": tok.vocab_hash,
               "valid": file_hash(cfg.valid), "size": resolve_size(cfg.size).model_dump(),
               "loss": cfg.loss.training_fields(), "workers": cfg.workers, "optim": cfg.optim.trajectory_fields()}
+    if cfg.corpus is None and data.manifest.counts.rows > cfg.shuffle_window:
+        fields["shuffle_window"] = cfg.shuffle_window  # it shapes the batch plan only when it splits the corpus
     if cfg.optim.select_by == "valid_bleu":
         fields["bleu_sentences"] = cfg.bleu_sentences
     if cfg.teacher_hf is not None:  # the online teacher by content

@@ -260,3 +260,20 @@ def test_corpus_is_for_nll_only_and_excludes_a_dataset(tiny_data, tiny_tokenizer
                       loss=LossConfig(name="nll"), **common)
     with pytest.raises(ValidationError, match="either dataset"):
         StudentConfig(**common)
+
+
+def test_shuffle_window_is_part_of_the_fingerprint_only_when_it_splits_the_dataset(tiny_distilled, tiny_data,
+                                                                                    tiny_tokenizer, tmp_path):
+    """A window at least the dataset's size leaves the plan the global shuffle (a resumed run may change it); one
+    that splits the dataset changes the batches, so a checkpoint of the other window must not be resumed."""
+    from trainers.student import training_fingerprint, training_rows
+
+    rows = tiny_distilled["tf"].counts.rows
+
+    def fp(window):
+        cfg = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "s").model_copy(
+            update={"shuffle_window": window})
+        return training_fingerprint(cfg, training_rows(cfg, tiny_tokenizer, max_rank=1), tiny_tokenizer)
+
+    assert fp(rows) == fp(10 * rows) == fp(50_000)
+    assert fp(rows // 2) != fp(rows) and fp(rows // 2) != fp(rows // 3)
