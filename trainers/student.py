@@ -123,9 +123,10 @@ def _worker_loop(config: dict) -> None:
     tok = Tokenizer.load(cfg.tokenizer)
     data = training_rows(cfg, tok, max_rank=cfg.max_rank)
     max_positions = resolve_size(cfg.size).max_positions
+    nodes = dist.all_gather(ray.get_runtime_context().get_node_id())  # by rank: which cluster node trained
     if dist.is_main:  # results.json reports the last of these
         append_metrics(cfg.out, {"event": "data", "rows": len(data), "skipped_too_long": data.skipped_too_long,
-                                 "max_positions": max_positions})
+                                 "max_positions": max_positions, "worker_nodes": nodes})
     torch.manual_seed(cfg.optim.seed)
     model = build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id)
     if (ffn_cfg := resolve_size(cfg.size).ffn_gates) is not None:
@@ -365,7 +366,8 @@ def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bo
                "train_minutes": round(finished["elapsed_s"] / 60, 2),
                "stopped": finished["reason"],
                "gate": next((e["gate"] for e in reversed(events) if "gate" in e), None),
-               "train_rows": data["rows"], "skipped_too_long": data["skipped_too_long"], **ffn}
+               "train_rows": data["rows"], "skipped_too_long": data["skipped_too_long"], **ffn,
+               "worker_nodes": data.get("worker_nodes")}  # the Ray node id of each worker, by rank
     checks: list = []
     ct2 = export_ct2(exported, cfg.out / "ct2", quantization="int8", on_check=checks.append)
     results["int8_logprob_gap"] = round(checks[-1].mean_abs, 4)  # nats/token int8 rounding costs the tested model
