@@ -34,6 +34,10 @@ def _ray_cli() -> str:
     return str(ray) if ray.exists() else "ray"
 
 
+class NodeExited(RuntimeError):
+    """A node process that was starting exited (``ray start`` gave up on it)."""
+
+
 class Node:
     """One ``ray start --block`` process (head or worker) in a process group of its own."""
 
@@ -97,26 +101,48 @@ class LocalCluster:
         return ["--block", "--disable-usage-stats", f"--num-cpus={self.num_cpus}",
                 f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
-    def start(self, workers: int = 1, timeout: float = 120) -> LocalCluster:
-        cmd = [_ray_cli(), "start", "--head", f"--port={self.gcs_port}", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}", *self._common()]
-        self.head = Node(cmd, env=self.env | FAST_FAILURE_DETECTION, log=self.work / "head.log", cwd=self.cwd)
-        self.wait_nodes(1, timeout)
+    def start(self, workers: int = 1, timeout: float = 120, attempts: int = 3) -> LocalCluster:
+        """Start the head (again, up to ``attempts`` times, if ``ray start`` gives up on it), then ``workers``."""
+        for attempt in range(attempts):
+            cmd = [_ray_cli(), "start", "--head", f"--port={self.gcs_port}", "--include-dashboard=true",
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                   f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}", *self._common()]
+            head = Node(cmd, env=self.env | FAST_FAILURE_DETECTION, log=self.work / f"head-{attempt}.log",
+                        cwd=self.cwd)
+            try:
+                self.wait_nodes(1, timeout, starting=head)
+            except NodeExited:
+                head.stop()
+                continue
+            self.head = head
+            break
+        else:
+            raise RuntimeError(f"the Ray head failed to start {attempts} times; logs in {self.work}")
         for _ in range(workers):
             self.add_node(timeout=timeout)
         return self
 
-    def add_node(self, timeout: float = 120) -> Node:
-        """Start a worker node and wait until the cluster counts it."""
+    def add_node(self, timeout: float = 120, attempts: int = 3) -> Node:
+        """Start a worker node and wait until the cluster counts it.
+
+        ``ray start`` gives a raylet 30 s (fixed in Ray) to register with the GCS and exits when it does not, which
+        happens on a loaded machine: such a node is started again, up to ``attempts`` times.
+        """
         expected = len(self.alive_nodes()) + 1
-        # A temp dir of its own too: every node writes <temp_dir>/ray_current_cluster, and /tmp/ray's is shared.
-        cmd = [_ray_cli(), "start", f"--address={self.gcs_address}", f"--temp-dir={self.temp_dir}/w{len(self.workers)}",
-               *self._common()]
-        node = Node(cmd, env=self.env, log=self.work / f"worker-{len(self.workers)}.log", cwd=self.cwd)
-        self.workers.append(node)
-        self.wait_nodes(expected, timeout)
-        return node
+        for attempt in range(attempts):
+            # A temp dir of its own too: every node writes <temp_dir>/ray_current_cluster, /tmp/ray's is shared.
+            name = f"w{len(self.workers)}-{attempt}"
+            cmd = [_ray_cli(), "start", f"--address={self.gcs_address}", f"--temp-dir={self.temp_dir}/{name}",
+                   *self._common()]
+            node = Node(cmd, env=self.env, log=self.work / f"worker-{name}.log", cwd=self.cwd)
+            try:
+                self.wait_nodes(expected, timeout, starting=node)
+            except NodeExited:
+                node.stop()
+                continue
+            self.workers.append(node)
+            return node
+        raise RuntimeError(f"a worker node failed to start {attempts} times; logs in {self.work}")
 
     def alive_nodes(self) -> list[dict]:
         """Ray's state API (the dashboard's ``/api/v0/nodes``): the alive nodes; [] while it does not answer."""
@@ -128,12 +154,18 @@ class LocalCluster:
             return []
         return [n for n in nodes if n.get("state") == "ALIVE"]
 
-    def wait_nodes(self, n: int, timeout: float = 120) -> list[dict]:
-        """Wait until exactly ``n`` nodes are alive (also: until a killed one is declared dead)."""
+    def wait_nodes(self, n: int, timeout: float = 120, starting: Node | None = None) -> list[dict]:
+        """Wait until exactly ``n`` nodes are alive (also: until a killed one is declared dead).
+
+        Raises:
+            NodeExited: ``starting`` (a node being started) exited before ``n`` nodes were alive.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.head is not None and self.head.proc.poll() is not None:
                 raise RuntimeError(f"the Ray head exited; see {self.head.log}")
+            if starting is not None and starting.proc.poll() is not None:
+                raise NodeExited(f"a starting node exited; see {starting.log}")
             nodes = self.alive_nodes()
             if len(nodes) == n:
                 return nodes

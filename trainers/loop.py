@@ -198,6 +198,7 @@ def fit(
     on_validate: Callable[[dict], None] | None = None,
     device: torch.device = CPU,
     fingerprint: dict | None = None,
+    on_checkpoint: Callable[[Progress], None] | None = None,
 ) -> Progress:
     """Trains ``model`` until max epochs/steps/minutes or early stopping; resumes from ``run_dir``.
 
@@ -216,6 +217,8 @@ def fit(
             ``cfg.precision`` it decides autocast (``autocast_dtype``).
         fingerprint: ``checkpoint.fingerprint()`` of the config fields that change training; stored in every
             checkpoint, and a checkpoint with another one is refused (``CheckpointError``) instead of resumed.
+        on_checkpoint: called on every worker after each checkpoint is written (e.g. to report ``run_dir`` to
+            Ray Train's storage); every worker calls it at the same steps.
 
     Returns:
         Final progress; ``progress.finished`` says why training stopped.
@@ -320,6 +323,8 @@ def fit(
         rng = dist.all_gather(rng_state())  # every worker's own: they draw different dropout masks
         if dist.is_main:
             save_checkpoint(run_dir, unwrap(model), optimizer, scheduler, state, rng=rng, fingerprint=fingerprint)
+        if on_checkpoint:
+            on_checkpoint(state)
     bar.close()
     if state.best_step == 0 and state.history:  # no validation was selectable: best/ is the last model
         last = state.history[-1]
