@@ -15,7 +15,9 @@ same greedy job (the bench teacher, the same sentences, 1 worker × 1 thread per
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -27,6 +29,9 @@ from common import ROOT, WORK, Timer, corpus_file, setup
 sys.path.insert(0, str(ROOT))  # tests.cluster: the same local cluster the multi-node test runs
 # Read when ray.data is imported: start work once every actor is up, so a late node does not lose its share.
 os.environ.setdefault("RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S", "300")
+# Read when ray is imported: this driver joins clusters that run with token authentication (tests/cluster.py).
+TOKEN = secrets.token_hex(32)
+os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN})
 
 SHARD_SIZE = 250  # small enough that each node gets several shards of the 1-node job's sentences
 
@@ -55,10 +60,9 @@ def distill_on_nodes(paths, corpus: Path, *, nodes: int, max_length: int) -> dic
 
     spec = job_spec(paths, corpus, workers=nodes, max_length=max_length, name=f"scaling-{nodes}n")
     shutil.rmtree(WORK / "datasets" / spec.output.dataset, ignore_errors=True)
-    cluster = LocalCluster(WORK / "cluster-logs" / f"{nodes}n", num_cpus=1, cwd=ROOT)
+    cluster = LocalCluster(WORK / "cluster-logs" / f"{nodes}n", num_cpus=1, cwd=ROOT, token=TOKEN)
     try:
         cluster.start(workers=nodes - 1)
-        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token})  # this driver joins it
         with Timer() as t:
             manifest = run_job(spec, address=cluster.gcs_address)
         ray.shutdown()
@@ -104,6 +108,7 @@ def store_rates(*, object_bytes: int, total_bytes: int) -> dict[str, float]:
     for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
         os.environ.setdefault(key, value)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

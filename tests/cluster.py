@@ -72,16 +72,18 @@ class LocalCluster:
         num_cpus: CPUs of each node (what Ray may schedule there).
         cwd: working directory of the nodes, and so of job drivers.
         env: extra environment of every node (and of what runs there), e.g. S3 credentials.
+        token: the cluster's auth token (default: a fresh one). A driver in this process must have it in
+            ``RAY_AUTH_TOKEN`` (and ``RAY_AUTH_MODE=token``) before it imports ray.
     """
 
     def __init__(self, work: Path, *, num_cpus: int = 1, cwd: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, token: str | None = None) -> None:
         self.work, self.num_cpus, self.cwd = work, num_cpus, cwd or Path.cwd()
         work.mkdir(parents=True, exist_ok=True)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-mn-"))  # short: Ray's Unix socket paths
         # Token authentication, as a real cluster (and the service's embedded head) runs it, with a token of its
         # own: drivers get it through driver_env (Ray otherwise falls back to ~/.ray/auth_token).
-        self.token = secrets.token_hex(32)
+        self.token = token or secrets.token_hex(32)
         self.driver_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | dict(env or {})
         self.driver_env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         self.env = self.driver_env | {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_USAGE_STATS_ENABLED": "0",
