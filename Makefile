@@ -8,7 +8,7 @@ WORK   ?= work/demo
 # The paths recipes/teacher-bible-de-en.yaml names (a comment after the value would end up in it).
 TEACHER_WORK := work/teacher
 
-.PHONY: setup demo demo-full teacher test test-fast lint clean
+.PHONY: setup demo demo-full teacher test test-fast multinode lint clean
 
 # Re-installs only when pyproject.toml changed since the last install (the stamp file records that).
 $(STAMP): pyproject.toml
@@ -43,6 +43,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Two `ray start` nodes on this machine, an S3 server, the job service: distil, train, kill a node (also in `make test`).
+multinode: setup
+	$(BIN)/python -m pytest -q tests/test_multinode.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -141,6 +141,7 @@ class Sidecar(ShardEntry):
     seconds: float = Field(description="wall time of the shard in its worker")
     pid: int = Field(description="the worker process")
     peak_rss_mb: float = Field(description="the worker's peak resident memory so far")
+    node_id: str | None = Field(None, description="the Ray node that wrote the shard (None: written outside Ray)")
 
     @classmethod
     def read(cls, store: Store, dataset: str, i: int) -> Sidecar | None:
@@ -157,7 +158,7 @@ class Sidecar(ShardEntry):
         store.write_json_atomic(f"{dataset}/{sidecar_file(self.shard)}", self.model_dump(mode="json"))
 
     def entry(self) -> ShardEntry:
-        """The manifest's view: pid, seconds and memory describe one execution, not the data."""
+        """The manifest's view: pid, seconds, memory and node describe one execution, not the data."""
         return ShardEntry.model_validate(self.model_dump(include=set(ShardEntry.model_fields)))
 
 

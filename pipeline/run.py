@@ -64,6 +64,13 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _node_id() -> str | None:
+    """The Ray node this process runs on (which node of a cluster wrote a shard), None outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def sha256_bytes(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -179,6 +186,7 @@ class ShardWriter:
             seconds=round(time.monotonic() - started, 3),
             pid=os.getpid(),
             peak_rss_mb=peak_rss_mb(),
+            node_id=_node_id(),
         )
         meta.write(self.store, directory)  # after the shard: marks it complete
         return meta

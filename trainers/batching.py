@@ -6,7 +6,7 @@ is a pure function of (seed, epoch), so a resumed run can skip exactly the batch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,10 @@ def token_batches(
     Returns:
         Index arrays, one per batch.
     """
-    lengths = np.asarray(lengths)
-    rng = np.random.default_rng([seed, epoch])
+    return _batches(np.asarray(lengths), max_tokens, np.random.default_rng([seed, epoch]), shuffle)
+
+
+def _batches(lengths: np.ndarray, max_tokens: int, rng: np.random.Generator, shuffle: bool) -> list[np.ndarray]:
     # Random tie-breaking among equal lengths keeps batches varied across epochs.
     tiebreak = rng.random(len(lengths)) if shuffle else np.arange(len(lengths))
     order = np.lexsort((tiebreak, lengths))
@@ -40,6 +42,66 @@ def token_batches(
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+
+def windowed_token_batches(
+    lengths: np.ndarray, groups: np.ndarray, *, window: int, max_tokens: int, seed: int, epoch: int
+) -> list[np.ndarray]:
+    """``token_batches`` shuffled within windows of whole row groups, so a reader holds one window at a time.
+
+    A shuffle over the whole corpus would make every batch touch rows of ~batch-size different row groups:
+    a streaming reader would decode a row group per row. Instead the row groups are shuffled, packed in that
+    order into windows of at most ``window`` rows (a larger group is a window of its own), and each window is
+    batched and shuffled on its own; its batches come one window after the other. A corpus of at most
+    ``window`` rows is one window, and its plan is exactly ``token_batches``.
+
+    Args:
+        lengths: ``[N]`` per-row cost in tokens, rows in corpus order.
+        groups: ``[G]`` rows per row group, consecutive (``groups.sum() == N``; empty groups allowed).
+        window: rows per window (the reader's memory bound).
+        max_tokens, seed, epoch: as for ``token_batches``; the plan is a pure function of them.
+
+    Returns:
+        Index arrays into ``lengths``, one per batch.
+    """
+    lengths, groups = np.asarray(lengths), np.asarray(groups, dtype=np.int64)
+    if len(lengths) <= window:
+        return token_batches(lengths, max_tokens=max_tokens, seed=seed, epoch=epoch)
+    starts = np.concatenate([[0], np.cumsum(groups)])
+    windows: list[list[int]] = [[]]
+    size = 0
+    for g in np.random.default_rng([seed, epoch]).permutation(len(groups)):
+        if windows[-1] and size + groups[g] > window:
+            windows.append([])
+            size = 0
+        windows[-1].append(int(g))
+        size += int(groups[g])
+    plan = []
+    for w, members in enumerate(windows):
+        rows = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in members])
+        rng = np.random.default_rng([seed, epoch, w])
+        plan += [rows[b] for b in _batches(lengths[rows], max_tokens, rng, shuffle=True)]
+    return plan
+
+
+class PlannedBatches(Sequence):
+    """An epoch's batches built one at a time, when asked for: holding them all would hold the epoch's data."""
+
+    def __init__(self, plan: list[np.ndarray], build: Callable[[np.ndarray], dict]):
+        """
+        Args:
+            plan: row indices per batch (``token_batches``).
+            build: row indices → the batch's tensors.
+        """
+        self.plan, self.build = plan, build
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.build(p) for p in self.plan[i]]
+        return self.build(self.plan[i])
 
 
 def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -186,7 +186,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def fit(
     model: torch.nn.Module,
     *,
-    train_batches: Callable[[int], list[dict]],
+    train_batches: Callable[[int], Sequence[dict]],
     valid_batches: list[dict],
     loss_fn: LossFn,
     cfg: OptimConfig,
@@ -198,12 +198,14 @@ def fit(
     on_validate: Callable[[dict], None] | None = None,
     device: torch.device = CPU,
     fingerprint: dict | None = None,
+    on_checkpoint: Callable[[Progress], None] | None = None,
 ) -> Progress:
     """Trains ``model`` until max epochs/steps/minutes or early stopping; resumes from ``run_dir``.
 
     Args:
         train_batches: ``epoch -> batches``; must be a pure function of the epoch so that a resumed
-            run sees the same batches in the same order.
+            run sees the same batches in the same order. Any sequence: a lazy one (``PlannedBatches``)
+            builds each batch when the loop reaches it, so an epoch's batches are never all in memory.
         valid_batches: fixed validation batches.
         run_dir: receives ``checkpoint/``, ``best/`` and ``metrics.jsonl``.
         tokenizer_dir: copied into ``best/`` so the best model is self-contained.
@@ -215,6 +217,8 @@ def fit(
             ``cfg.precision`` it decides autocast (``autocast_dtype``).
         fingerprint: ``checkpoint.fingerprint()`` of the config fields that change training; stored in every
             checkpoint, and a checkpoint with another one is refused (``CheckpointError``) instead of resumed.
+        on_checkpoint: called on every worker after each checkpoint is written (e.g. to report ``run_dir`` to
+            Ray Train's storage); every worker calls it at the same steps.
 
     Returns:
         Final progress; ``progress.finished`` says why training stopped.
@@ -273,12 +277,13 @@ def fit(
         bar.set_postfix(valid=f"{valid:.3f}", best_step=state.best_step)
         return state.bad_evals >= cfg.patience
 
-    cached: tuple[int, list[dict]] = (-1, [])
+    cached: tuple[int, Sequence[dict]] = (-1, [])
     while not state.finished:
         if cached[0] != state.epoch:
             cached = (state.epoch, train_batches(state.epoch))
         batches = cached[1]
-        for batch in batches[state.batch_in_epoch :]:
+        for i in range(state.batch_in_epoch, len(batches)):
+            batch = batches[i]  # a lazy sequence builds it only now (students: fetched from the shards)
             with _autocast(device, amp):
                 loss, n_tokens = loss_fn(model, to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
@@ -318,6 +323,8 @@ def fit(
         rng = dist.all_gather(rng_state())  # every worker's own: they draw different dropout masks
         if dist.is_main:
             save_checkpoint(run_dir, unwrap(model), optimizer, scheduler, state, rng=rng, fingerprint=fingerprint)
+        if on_checkpoint:
+            on_checkpoint(state)
     bar.close()
     if state.best_step == 0 and state.history:  # no validation was selectable: best/ is the last model
         last = state.history[-1]

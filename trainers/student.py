@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -53,6 +54,15 @@ class StudentConfig(BaseModel):
     teacher_hf: Path | None = Field(None, description="the teacher as a Hugging Face Marian checkpoint, for the "
                                     "online losses okd and on_policy (`distillery teacher to-hf` writes one)")
     max_rank: int | None = Field(None, ge=1, description="use hypotheses with hyp_rank < max_rank")
+    shuffle_window: int = Field(50_000, gt=0, description="rows a worker holds decoded at most: the batch plan "
+                                "shuffles within windows of whole row groups of about this many rows")
+    storage: str | None = Field(None, description="Ray Train storage for the run: a directory or s3://bucket/prefix "
+                                "every node reaches. The workers then keep checkpoint/, best/ and metrics.jsonl in a "
+                                "scratch directory of their own node and report them there at every checkpoint; a "
+                                "run started again anywhere resumes from it, and the driver copies the last report "
+                                "into `out`. None: the workers write `out` itself (a filesystem every node sees)")
+    storage_s3_endpoint: str | None = Field(None, description="S3 endpoint of an s3:// storage (else "
+                                            "$DISTILLERY_S3_ENDPOINT or AWS's)")
     workers: int = Field(1, ge=1, description="Ray Train workers")
     threads_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
@@ -90,17 +100,21 @@ def training_rows(cfg: StudentConfig, tok, *, max_rank: int | None):
     if cfg.corpus is not None:
         return ReferenceCorpus(cfg.corpus, tokenizer=tok, max_positions=max_positions)
     return DistilledDataset(cfg.dataset.store, cfg.dataset.name, tokenizer=tok, endpoint=cfg.dataset.s3_endpoint,
-                            max_rank=max_rank, max_positions=max_positions)
+                            max_rank=max_rank, max_positions=max_positions, window=cfg.shuffle_window)
 
 
 def _worker_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    import shutil
+
     import pyarrow.parquet as pq
     import ray.train
     import ray.train.torch
 
     from pipeline.evaluate import decode_limit, score
+    from pipeline.run import peak_rss_mb
     from pipeline.tokenizer import Tokenizer
+    from trainers.batching import PlannedBatches
     from trainers.checkpoint import append_metrics
     from trainers.data import collate, worker_slice
     from trainers.glu import install_ffn_gates
@@ -116,11 +130,13 @@ def _worker_loop(config: dict) -> None:
     dist = Dist(rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
     torch.set_num_threads(cfg.threads_per_worker)
     tok = Tokenizer.load(cfg.tokenizer)
+    run_dir = restore_run(cfg)
     data = training_rows(cfg, tok, max_rank=cfg.max_rank)
     max_positions = resolve_size(cfg.size).max_positions
+    nodes = dist.all_gather(ray.get_runtime_context().get_node_id())  # by rank: which cluster node trained
     if dist.is_main:  # results.json reports the last of these
-        append_metrics(cfg.out, {"event": "data", "rows": len(data.rows), "skipped_too_long": data.skipped_too_long,
-                                 "max_positions": max_positions})
+        append_metrics(run_dir, {"event": "data", "rows": len(data), "skipped_too_long": data.skipped_too_long,
+                                 "max_positions": max_positions, "worker_nodes": nodes})
     torch.manual_seed(cfg.optim.seed)
     model = build_marian(cfg.size, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id)
     if (ffn_cfg := resolve_size(cfg.size).ffn_gates) is not None:
@@ -136,19 +152,21 @@ def _worker_loop(config: dict) -> None:
             model.online_modules = online.modules()  # optimised, clipped and checkpointed with the student
     if dist.world_size > 1:
         model = ray.train.torch.prepare_model(model)  # moves it to `device` and wraps it in DDP
-    rows, pad_id, opt = data.rows, tok.pad_id, cfg.optim
+    pad_id, opt = tok.pad_id, cfg.optim
     needs_hidden = cfg.loss.name == "hybrid" and cfg.loss.gate == "token"
 
-    def train_batches(epoch: int) -> list[dict]:
-        batches = []
-        for global_idx in data.plan(max_tokens=opt.max_tokens, seed=opt.seed, epoch=epoch):
-            local, weight = worker_slice(global_idx, dist.rank, dist.world_size), 1.0
-            if len(local) == 0:  # fewer rows than workers: join the step with a zero-weight row
-                local, weight = global_idx[:1], 0.0
-            batch = collate(rows, local, pad_id=pad_id, global_tokens=int(rows.target_tokens[global_idx].sum()))
-            batch["weight"] = weight
-            batches.append(batch)
-        return batches
+    def build(global_idx) -> dict:
+        """This worker's part of one global batch, its rows fetched from the shards now."""
+        local, weight = worker_slice(global_idx, dist.rank, dist.world_size), 1.0
+        if len(local) == 0:  # fewer rows than workers: join the step with a zero-weight row
+            local, weight = global_idx[:1], 0.0
+        rows = data.fetch(local)
+        batch = collate(rows, np.arange(len(rows)), pad_id=pad_id,
+                        global_tokens=int(data.target_tokens[global_idx].sum()))
+        return batch | {"weight": weight}
+
+    def train_batches(epoch: int) -> PlannedBatches:
+        return PlannedBatches(data.plan(max_tokens=opt.max_tokens, seed=opt.seed, epoch=epoch), build)
 
     def online_loss_fn(model, batch):
         # One worker (StudentConfig refuses more): the loss is a mean over this batch's own target tokens, which
@@ -217,8 +235,72 @@ def _worker_loop(config: dict) -> None:
             record["valid_bleu"] = round(dist.all_sum(bleu)[0], 2)
 
     fit(model, train_batches=train_batches, valid_batches=valid[dist.rank::dist.world_size], loss_fn=loss_fn,
-        valid_loss_fn=valid_loss_fn, cfg=opt, run_dir=cfg.out, tokenizer_dir=cfg.tokenizer, progress_bar=False,
-        dist=dist, on_validate=on_validate, device=device, fingerprint=fp)
+        valid_loss_fn=valid_loss_fn, cfg=opt, run_dir=run_dir, tokenizer_dir=cfg.tokenizer, progress_bar=False,
+        dist=dist, on_validate=on_validate, device=device, fingerprint=fp,
+        on_checkpoint=(lambda state: report_run(run_dir, dist, state.step)) if cfg.storage else None)
+    peaks = dist.all_gather(peak_rss_mb())  # per worker: what bench/trainer_memory.py reads
+    if dist.is_main:
+        append_metrics(run_dir, {"event": "memory", "peak_rss_mb": peaks})
+    if cfg.storage:
+        report_run(run_dir, dist, None)  # the finished and memory records too
+        shutil.rmtree(run_dir, ignore_errors=True)  # this node's scratch copy: the storage holds the run
+
+
+RUN_FILES = ("checkpoint", "best", "snapshots", "metrics.jsonl")  # what a worker reports; the driver restores
+
+
+def restore_run(cfg: StudentConfig) -> Path:
+    """The directory this worker trains in: ``out``, or with ``storage`` a fresh scratch directory of this node
+    holding the run's last report to Ray Train's storage (none on a first start)."""
+    import tempfile
+
+    import ray.train
+
+    if not cfg.storage:
+        return cfg.out
+    run_dir = Path(tempfile.mkdtemp(prefix="distillery-run-"))
+    last = ray.train.get_checkpoint()  # the latest report of this run (same storage and name), on any node
+    if last is not None:
+        last.to_directory(str(run_dir))
+    return run_dir
+
+
+def report_run(run_dir: Path, dist, step: int | None) -> None:
+    """Reports ``run_dir`` (rank 0's: it alone writes it) to Ray Train's storage; every worker calls this together."""
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(run_dir)) if dist.is_main else None
+    ray.train.report({"step": step if step is not None else -1}, checkpoint=checkpoint)
+
+
+def _storage(cfg: StudentConfig, fp: dict):
+    """(store, run name) of ``cfg.storage``. The name is the hash of the settings that change training: a run
+    resumes only from reports of those settings, from whichever machine and ``out`` it is started again (a larger
+    budget continues it, as it does from ``out``)."""
+    from pipeline.storage import Store
+
+    store = Store.from_uri(cfg.storage, endpoint_override=cfg.storage_s3_endpoint)
+    return store, f"student-{fp['hash'].split(':')[-1][:16]}"
+
+
+def _fetch_run(result, out: Path) -> None:
+    """Copies the run files of the last report (``result.checkpoint``) into ``out``, replacing what was there."""
+    import shutil
+    import tempfile
+
+    if result.checkpoint is None:
+        raise RuntimeError("the training run reported no checkpoint to its storage")
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        result.checkpoint.to_directory(tmp)
+        for name in RUN_FILES:
+            src, dst = Path(tmp) / name, out / name
+            if not src.exists():
+                continue
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            elif dst.exists():
+                dst.unlink()
+            shutil.move(str(src), str(dst))
 
 
 @torch.no_grad()
@@ -258,6 +340,8 @@ def _absolute_paths(cfg: StudentConfig) -> StudentConfig:
               if getattr(cfg, name) is not None}
     if cfg.dataset is not None and "://" not in cfg.dataset.store:
         update["dataset"] = cfg.dataset.model_copy(update={"store": str(Path(cfg.dataset.store).resolve())})
+    if cfg.storage is not None and "://" not in cfg.storage:
+        update["storage"] = str(Path(cfg.storage).resolve())
     return cfg.model_copy(update=update)
 
 
@@ -273,6 +357,8 @@ def training_fingerprint(cfg: StudentConfig, data, tok) -> dict:
     fields = {"dataset": data_id, "max_rank": cfg.max_rank, "tokenizer": tok.vocab_hash,
               "valid": file_hash(cfg.valid), "size": resolve_size(cfg.size).model_dump(),
               "loss": cfg.loss.training_fields(), "workers": cfg.workers, "optim": cfg.optim.trajectory_fields()}
+    if cfg.corpus is None and data.manifest.counts.rows > cfg.shuffle_window:
+        fields["shuffle_window"] = cfg.shuffle_window  # it shapes the batch plan only when it splits the corpus
     if cfg.optim.select_by == "valid_bleu":
         fields["bleu_sentences"] = cfg.bleu_sentences
     if cfg.teacher_hf is not None:  # the online teacher by content
@@ -300,7 +386,8 @@ def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bo
     Raises:
         CheckpointError: ``cfg.out`` holds a checkpoint or results of other training settings (they are named).
     """
-    from ray.train import RunConfig, ScalingConfig
+    import pyarrow.fs as pafs
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.run import init_ray
@@ -327,14 +414,24 @@ def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bo
     cfg.out.mkdir(parents=True, exist_ok=True)
     saved.write_text(cfg.model_dump_json(indent=2))
     init_ray(address)
+    if cfg.storage:
+        store, name = _storage(cfg, fp)
+        if restart and store.filesystem.get_file_info(store.join(name)).type != pafs.FileType.NotFound:
+            store.filesystem.delete_dir(store.join(name))
+        run_config = RunConfig(name=name, storage_path=store.root, storage_filesystem=store.filesystem,
+                               checkpoint_config=CheckpointConfig(num_to_keep=2))
+    else:
+        run_config = RunConfig(name="train", storage_path=str((cfg.out / "ray").resolve()))
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=cfg.model_dump(mode="json") | {"fingerprint": fp},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.threads_per_worker}),
-        run_config=RunConfig(name="train", storage_path=str((cfg.out / "ray").resolve())),
+        run_config=run_config,
     )
-    trainer.fit()
+    result = trainer.fit()
+    if cfg.storage:
+        _fetch_run(result, cfg.out)  # the workers' run directory was on their own node
     events = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()]
     finished = [e for e in events if e["event"] == "finished"][-1]
     with torch.device("meta"):  # shapes only: no memory, no initialisation
@@ -353,7 +450,8 @@ def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bo
                "train_minutes": round(finished["elapsed_s"] / 60, 2),
                "stopped": finished["reason"],
                "gate": next((e["gate"] for e in reversed(events) if "gate" in e), None),
-               "train_rows": data["rows"], "skipped_too_long": data["skipped_too_long"], **ffn}
+               "train_rows": data["rows"], "skipped_too_long": data["skipped_too_long"], **ffn,
+               "worker_nodes": data.get("worker_nodes")}  # the Ray node id of each worker, by rank
     checks: list = []
     ct2 = export_ct2(exported, cfg.out / "ct2", quantization="int8", on_check=checks.append)
     results["int8_logprob_gap"] = round(checks[-1].mean_abs, 4)  # nats/token int8 rounding costs the tested model

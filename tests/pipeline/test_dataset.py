@@ -104,5 +104,9 @@ def test_files_are_written_and_read_where_the_layout_says(tmp_path):
     sidecar.write(store, "ds")
     assert Sidecar.read(store, "ds", 3) == sidecar
     assert "pid" not in sidecar.entry().model_dump()  # the manifest lists the data, not the run
+    assert sidecar.node_id is None  # written outside Ray (and sidecars from before node_id read the same)
+    sidecar.model_copy(update={"node_id": "a" * 56}).write(store, "ds")
+    on_node = Sidecar.read(store, "ds", 3)
+    assert on_node.node_id == "a" * 56 and "node_id" not in on_node.entry().model_dump()
     (tmp_path / "ds" / "_part-00003.json").write_text("{half a sidecar")
     assert Sidecar.read(store, "ds", 3) is None  # unreadable: the shard is redone, not trusted

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline import schema
-from pipeline.dataset import DatasetFileError, Progress
+from pipeline.dataset import DatasetFileError, Progress, Sidecar
 from pipeline.run import JobError, run_job
 from pipeline.spec import JobSpec
 from tests.conftest import make_bucket
@@ -87,6 +87,12 @@ def test_job_writes_shards_manifest_and_rejects(ray_local, corpus, tiny_teacher,
     assert progress["shards_done"] == progress["shards_total"] == 3
     assert Progress.parse((ds / "_progress.json").read_bytes()) == updates[-1]
     assert [u.shards_done for u in updates][-1] == 3 and updates[-1].examples_done == 60
+    # Each sidecar names the Ray node that wrote it (here the one local node); the manifest does not.
+    import ray
+
+    sidecars = [Sidecar.model_validate_json((ds / f"_part-{s.shard:05d}.json").read_text()) for s in manifest.shards]
+    assert {s.node_id for s in sidecars} == {ray.get_runtime_context().get_node_id()}
+    assert all("node_id" not in s for s in on_disk["shards"])
 
 
 def test_teacher_forcing_honours_max_length_and_counts_the_cut_rows(ray_local, corpus, tiny_teacher,

@@ -140,3 +140,114 @@ def test_reference_corpus_gives_the_rows_of_a_teacher_forcing_dataset(tiny_data,
     assert short.skipped_too_long == sum(n > 30 for n in lengths) and len(short.rows) == sum(n <= 30 for n in lengths)
     with pytest.raises(DatasetError, match="corpus not found"):
         ReferenceCorpus(tiny_data / "nope.parquet", tokenizer=tiny_tokenizer)
+
+
+def _repeated(store, name: str, times: int, tmp_path) -> str:
+    """A dataset listing the shards of ``name`` ``times`` over (hard links), under its own manifest."""
+    import os
+
+    from pipeline.dataset import Manifest, shard_file
+    from pipeline.storage import Store
+
+    manifest = Manifest.read(Store.from_uri(store), name)
+    out = tmp_path / "store"
+    entries = []
+    for copy in range(times):
+        for entry in manifest.shards:
+            i = copy * len(manifest.shards) + entry.shard
+            (out / f"{name}x{times}").mkdir(parents=True, exist_ok=True)
+            os.link(f"{store}/{name}/{entry.name}", out / f"{name}x{times}" / shard_file(i))
+            entries.append(entry.model_copy(update={"name": shard_file(i), "shard": i}))
+    (out / f"{name}x{times}" / "_manifest.json").write_text(
+        manifest.model_copy(update={"dataset": f"{name}x{times}", "shards": entries}).model_dump_json())
+    return str(out)
+
+
+def test_fetch_gives_the_rows_of_a_whole_read_in_plan_order(tiny_distilled, tiny_tokenizer):
+    """Rows fetched by row group, in any order and across shards, equal the same rows of one whole read."""
+    table = pads.dataset(f"{tiny_distilled['store']}/beam", format="parquet").to_table()
+    src, hyp = table["source_ids"].to_pylist(), table["hyp_ids"].to_pylist()
+    limit = sorted(len(s) for s in src)[len(src) * 9 // 10]  # about a tenth of the sources is longer
+    data = DistilledDataset(tiny_distilled["store"], "beam", tokenizer=tiny_tokenizer, max_rank=1,
+                            max_positions=max(limit, max(len(h) for h in hyp)))
+    limit = data.max_positions
+    kept = [i for i in range(table.num_rows)  # the rule, restated: 1-best only, both sides within the limit
+            if table["hyp_rank"][i].as_py() < 1 and len(src[i]) <= limit and len(hyp[i]) <= limit]
+    assert 0 < len(kept) < table.num_rows // 2
+    assert len(data) == len(kept) and len(data.groups) >= len(tiny_distilled["beam"].shards) > 1
+    idx = np.array([len(kept) - 1, 0, 350, 3, 351, 699 if len(kept) > 699 else 5])
+    rows = data.fetch(idx)
+    for j, i in enumerate(idx):
+        row = table.slice(kept[i], 1).to_pylist()[0]
+        assert rows.src[rows.src_off[j]:rows.src_off[j + 1]].tolist() == row["source_ids"]
+        assert rows.hyp[rows.hyp_off[j]:rows.hyp_off[j + 1]].tolist() == row["hyp_ids"]
+        assert rows.topk_ids[rows.hyp_off[j]:rows.hyp_off[j + 1]].tolist() == row["topk_ids"]
+        np.testing.assert_array_equal(rows.tail[rows.hyp_off[j]:rows.hyp_off[j + 1]],
+                                      np.array(row["tail_logprob"], np.float16))
+        assert rows.score[j] == np.float32(row["score"])
+    assert data.target_tokens[idx].tolist() == [len(hyp[kept[i]]) for i in idx]
+
+
+def test_a_window_bounds_the_rows_held_and_each_row_group_is_decoded_once(tiny_distilled, tiny_tokenizer, tmp_path):
+    """With a window smaller than the dataset, the plan still covers every row once, is a pure function of
+    (seed, epoch), holds at most a window decoded, and decodes each row group once per epoch."""
+    store = _repeated(tiny_distilled["store"], "tf", 4, tmp_path)  # 12 row groups of ≤ 500 rows
+    decoded = []
+
+    class Counting(DistilledDataset):
+        def _decode(self, group):
+            decoded.append(group)
+            return super()._decode(group)
+
+    data = Counting(store, "tfx4", tokenizer=tiny_tokenizer, window=1000)
+    plan = data.plan(max_tokens=800, seed=3, epoch=1)
+    assert sorted(np.concatenate(plan).tolist()) == list(range(len(data)))
+    assert [b.tolist() for b in plan] == [b.tolist() for b in data.plan(max_tokens=800, seed=3, epoch=1)]
+    assert [b.tolist() for b in plan] != [b.tolist() for b in data.plan(max_tokens=800, seed=3, epoch=2)]
+    held = 0
+    for batch in plan:
+        data.fetch(batch)
+        assert data._cached_rows <= 1000
+        held = max(held, data._cached_rows)
+    # Once each: batches that mixed windows would make a cache of one window decode groups again.
+    assert sorted(decoded) == list(range(len(data.groups))) and held > 500
+
+
+def test_memory_grows_by_the_plan_alone_not_by_the_rows(tiny_distilled, tiny_tokenizer, tmp_path):
+    """Collating batches over 10× the shards costs at most a few plan bytes per extra row; the old reader, which
+    held every row, grew by the rows themselves (int64 ids alone: 8 bytes per token, ~500 bytes per row here).
+
+    tracemalloc sees numpy's allocations (the int64 ids, the per-row lengths, the plan, every gathered batch),
+    not Arrow's own buffers; bench/trainer_memory.py measures a worker's whole RSS."""
+    import tracemalloc
+
+    def peak(store, name) -> tuple[int, int]:
+        tracemalloc.start()
+        data = DistilledDataset(store, name, tokenizer=tiny_tokenizer, window=600)
+        for batch in data.plan(max_tokens=800, seed=0, epoch=0)[:40]:
+            collate(data.fetch(batch), np.arange(len(batch)), pad_id=0, global_tokens=1)
+        size = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return size, len(data)
+
+    (one, rows1), (ten, rows10) = (peak(_repeated(tiny_distilled["store"], "tf", n, tmp_path / str(n)), f"tfx{n}")
+                                   for n in (1, 10))
+    tokens_per_row = tiny_distilled["tf"].counts.target_tokens / tiny_distilled["tf"].counts.rows
+    assert tokens_per_row * 8 > 200  # what each extra row cost the old reader, at the least
+    assert (ten - one) / (rows10 - rows1) < 64, (one, ten)
+
+
+def test_reads_a_dataset_from_s3(s3_endpoint, tiny_distilled, tiny_tokenizer):
+    import pyarrow.fs as pafs
+
+    from tests.conftest import make_bucket
+
+    bucket = make_bucket(s3_endpoint)
+    s3 = pafs.S3FileSystem(scheme="http", endpoint_override=s3_endpoint.removeprefix("http://"), region="us-east-1")
+    pafs.copy_files(f"{tiny_distilled['store']}/tf", f"{bucket}/datasets/tf", destination_filesystem=s3)
+    remote = DistilledDataset(f"s3://{bucket}/datasets", "tf", tokenizer=tiny_tokenizer, endpoint=s3_endpoint)
+    local = DistilledDataset(tiny_distilled["store"], "tf", tokenizer=tiny_tokenizer)
+    idx = np.array([5, 900, 17])
+    a, b = remote.fetch(idx), local.fetch(idx)
+    assert a.hyp.tolist() == b.hyp.tolist() and a.topk_ids.tolist() == b.topk_ids.tolist()
+    assert remote.lengths.tolist() == local.lengths.tolist()

@@ -1,6 +1,7 @@
 """Students on Ray Train: N workers follow 1 worker, resume is exact, and KD students actually learn."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +261,59 @@ def test_corpus_is_for_nll_only_and_excludes_a_dataset(tiny_data, tiny_tokenizer
                       loss=LossConfig(name="nll"), **common)
     with pytest.raises(ValidationError, match="either dataset"):
         StudentConfig(**common)
+
+
+def test_shuffle_window_is_part_of_the_fingerprint_only_when_it_splits_the_dataset(tiny_distilled, tiny_data,
+                                                                                    tiny_tokenizer, tmp_path):
+    """A window at least the dataset's size leaves the plan the global shuffle (a resumed run may change it); one
+    that splits the dataset changes the batches, so a checkpoint of the other window must not be resumed."""
+    from trainers.student import training_fingerprint, training_rows
+
+    rows = tiny_distilled["tf"].counts.rows
+
+    def fp(window):
+        cfg = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "s").model_copy(
+            update={"shuffle_window": window})
+        return training_fingerprint(cfg, training_rows(cfg, tiny_tokenizer, max_rank=1), tiny_tokenizer)
+
+    assert fp(rows) == fp(10 * rows) == fp(50_000)
+    assert fp(rows // 2) != fp(rows) and fp(rows // 2) != fp(rows // 3)
+
+
+def test_a_run_kept_in_s3_storage_resumes_from_an_empty_out(ray_local, s3_endpoint, tiny_distilled, tiny_data,
+                                                            tiny_tokenizer, tmp_path):
+    """With ``storage`` on S3 nothing the workers write needs a shared disk: a run stopped after its step-4 report,
+    started again from an empty ``out`` (another machine), resumes from the storage and ends bit-identical to a
+    straight run kept in ``out``. The storage runs go through the CLI, whose fresh Ray has the S3 credentials."""
+    import subprocess
+    import sys
+
+    from pipeline.storage import Store
+    from tests.conftest import make_bucket
+
+    kw = {"size": SMALL.model_copy(update={"dropout": 0.3})}  # dropout: the RNG state must come back too
+    storage = {"storage": f"s3://{make_bucket(s3_endpoint)}/runs", "storage_s3_endpoint": s3_endpoint}
+    train_student(config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "a", **kw))
+
+    def train_cli(out, **optim):
+        cfg = config(tiny_distilled, tiny_data, tiny_tokenizer, out, **kw, **optim).model_copy(update=storage)
+        path = tmp_path / f"{out.name}.json"
+        path.write_text(cfg.model_dump_json())
+        done = subprocess.run([sys.executable, "-m", "distillery.cli", "train", str(path)], capture_output=True,
+                              text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return json.loads((out / "results.json").read_text())
+
+    assert train_cli(tmp_path / "b", max_steps=4)["steps"] == 4
+    reports = Store.from_uri(storage["storage"], endpoint_override=s3_endpoint).list("")
+    assert any(e.path.endswith("checkpoint/model.safetensors") for e in reports)  # the run is in the bucket
+    assert train_cli(tmp_path / "c")["steps"] == 8
+    events = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    # The step-4 validation came from the storage and was not redone: the run continued, it did not start over.
+    assert [e["step"] for e in events if e["event"] == "valid"] == [4, 8]
+    assert [e["event"] for e in events].count("data") == 2  # two starts: b's, then c's from b's report
+    a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
+    c = load_file(tmp_path / "c" / "checkpoint" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], c[key], rtol=0, atol=0, msg=key)
+    assert (tmp_path / "c" / "best" / "config.json").is_file() and (tmp_path / "c" / "ct2" / "model.bin").is_file()

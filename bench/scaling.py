@@ -1,0 +1,175 @@
+"""Distillation throughput on 1 node vs 2 nodes, and a measured model projecting a cluster's throughput.
+
+    .venv/bin/python bench/scaling.py [--sentences 3000] [--max-length 32] [--store-mb 64]
+                                      [--gpu-tokens-per-s 10000] [--gpu-workers 32]
+
+Two real Ray clusters on this machine (``tests/cluster.py``: ``ray start`` processes, 1 CPU per node) run the
+same greedy job (the bench teacher, the same sentences, 1 worker × 1 thread per node) one after the other:
+  (a) 2 nodes ÷ 1 node, whole job (goal ≥ 1.8) and per-worker steady state;
+  (b) the model: cluster tokens/s = min(tokens/s per worker × workers, store write rate ÷ bytes per token),
+      with tokens/s per worker and bytes per token from (a)'s jobs, and the write rate of a local-disk store and
+      of an S3 server on loopback (moto) measured by writing shard-sized objects through ``pipeline.storage``;
+  (c) that model projected to a GPU cluster whose per-worker rate is an assumption (``--gpu-tokens-per-s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from common import ROOT, WORK, Timer, corpus_file, setup
+
+sys.path.insert(0, str(ROOT))  # tests.cluster: the same local cluster the multi-node test runs
+# Read when ray.data is imported: start work once every actor is up, so a late node does not lose its share.
+os.environ.setdefault("RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S", "300")
+# Read when ray is imported: this driver joins clusters that run with token authentication (tests/cluster.py).
+TOKEN = secrets.token_hex(32)
+os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN})
+
+SHARD_SIZE = 250  # small enough that each node gets several shards of the 1-node job's sentences
+
+
+def job_spec(paths, corpus: Path, *, workers: int, max_length: int, name: str):
+    from pipeline.spec import JobSpec
+
+    return JobSpec.model_validate({
+        "corpus": {"path": str(corpus)},
+        "teacher": {"model": str(paths["ct2"]), "tokenizer": str(paths["tokenizer"]), "compute_type": "int8"},
+        "decoding": {"mode": "greedy", "max_length": max_length},
+        "targets": {"top_k": 8},
+        "output": {"store": str(WORK / "datasets"), "dataset": name, "shard_size": SHARD_SIZE},
+        "resources": {"workers": workers, "threads_per_worker": 1},
+    })
+
+
+def distill_on_nodes(paths, corpus: Path, *, nodes: int, max_length: int) -> dict:
+    """The job on a fresh ``nodes``-node cluster (1 CPU each, one worker per node); its rates and shards."""
+    import ray
+
+    from pipeline.dataset import Sidecar
+    from pipeline.run import run_job
+    from pipeline.storage import Store
+    from tests.cluster import LocalCluster
+
+    spec = job_spec(paths, corpus, workers=nodes, max_length=max_length, name=f"scaling-{nodes}n")
+    shutil.rmtree(WORK / "datasets" / spec.output.dataset, ignore_errors=True)
+    cluster = LocalCluster(WORK / "cluster-logs" / f"{nodes}n", num_cpus=1, cwd=ROOT, token=TOKEN)
+    try:
+        cluster.start(workers=nodes - 1)
+        with Timer() as t:
+            manifest = run_job(spec, address=cluster.gcs_address)
+        ray.shutdown()
+    finally:
+        cluster.stop()
+    store = Store.from_uri(spec.output.store)
+    metas = [Sidecar.read(store, spec.output.dataset, s.shard) for s in manifest.shards]
+    per_node: dict[str, list[float]] = {}
+    for m in metas:
+        tokens, seconds = per_node.setdefault(m.node_id, [0.0, 0.0])
+        per_node[m.node_id] = [tokens + m.target_tokens, seconds + m.seconds]
+    tokens = manifest.counts.target_tokens
+    return {"nodes": len(per_node), "tokens": tokens, "seconds": t.seconds, "job_tok_s": tokens / t.seconds,
+            # steady state: each worker's tokens over the seconds it spent on its shards, summed over workers
+            "worker_tok_s": sum(tk / s for tk, s in per_node.values()),
+            "per_worker_tok_s": sum(tk / s for tk, s in per_node.values()) / len(per_node),
+            "bytes_per_token": manifest.counts.bytes / tokens,
+            "shard_bytes": manifest.counts.bytes / len(manifest.shards),
+            "shards_per_node": sorted(sum(1 for m in metas if m.node_id == n) for n in per_node)}
+
+
+def write_rate(store, *, object_bytes: int, total_bytes: int) -> float:
+    """MB/s of ``write_bytes_atomic`` (temp name → rename, what a worker does per shard), one writer."""
+    data = os.urandom(object_bytes)  # incompressible, like zstd-compressed Parquet
+    n = max(1, total_bytes // object_bytes)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    with Timer() as t:
+        for i in range(n):
+            store.write_bytes_atomic(f"{prefix}/part-{i:05d}.parquet", data)
+    return n * object_bytes / t.seconds / 1e6
+
+
+def store_rates(*, object_bytes: int, total_bytes: int) -> dict[str, float]:
+    """Write rates of a local-disk store and of a moto S3 server on loopback."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.storage import Store
+
+    rates = {}
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        rates["local disk"] = write_rate(Store.from_uri(tmp), object_bytes=object_bytes, total_bytes=total_bytes)
+    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        pafs.S3FileSystem(scheme="http", endpoint_override=f"{host}:{port}", region="us-east-1",
+                          allow_bucket_creation=True).create_dir("bench")
+        store = Store.from_uri("s3://bench/datasets", endpoint_override=f"http://{host}:{port}")
+        rates["S3 (moto, loopback)"] = write_rate(store, object_bytes=object_bytes, total_bytes=total_bytes)
+    finally:
+        server.stop()
+    return rates
+
+
+def cluster_tokens_per_s(per_worker: float, workers: int, write_mb_s: float, bytes_per_token: float) -> float:
+    """The model: workers add up until the store's write bandwidth caps them."""
+    return min(per_worker * workers, write_mb_s * 1e6 / bytes_per_token)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sentences", type=int, default=3000)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--store-mb", type=int, default=64, help="MB written per store to measure its write rate")
+    parser.add_argument("--gpu-tokens-per-s", type=float, default=10_000.0,
+                        help="ASSUMED distill rate of one GPU worker (not measured here: no GPU)")
+    parser.add_argument("--gpu-workers", type=int, default=32, help="e.g. 8 nodes × 4 GPUs, one worker per GPU")
+    parser.add_argument("--s3-mb-s", type=float, default=1000.0,
+                        help="ASSUMED aggregate write bandwidth of the cluster's S3 store (MB/s)")
+    args = parser.parse_args()
+
+    paths = setup()
+    corpus = corpus_file(args.sentences)
+    one = distill_on_nodes(paths, corpus, nodes=1, max_length=args.max_length)
+    two = distill_on_nodes(paths, corpus, nodes=2, max_length=args.max_length)
+    print(f"{args.sentences} sentences, greedy, top-8, shards of {SHARD_SIZE}, {one['tokens']:,} target tokens")
+    for name, r in (("1 node ", one), ("2 nodes", two)):
+        print(f"  {name}: whole job {r['job_tok_s']:,.0f} tok/s ({r['seconds']:.1f} s), workers' steady state "
+              f"{r['worker_tok_s']:,.0f} tok/s ({r['per_worker_tok_s']:,.0f} per worker), shards per node "
+              f"{r['shards_per_node']}")
+    print(f"(a) 2 nodes ÷ 1 node: whole job {two['job_tok_s'] / one['job_tok_s']:.2f}× (goal ≥ 1.8), "
+          f"steady state {two['worker_tok_s'] / one['worker_tok_s']:.2f}×")
+
+    bpt = two["bytes_per_token"]
+    rates = store_rates(object_bytes=int(two["shard_bytes"]), total_bytes=args.store_mb * 1_000_000)
+    per_worker = one["per_worker_tok_s"]
+    print(f"(b) model inputs: {per_worker:,.0f} tok/s per CPU worker (1 thread), {bpt:.1f} bytes per target token, "
+          f"objects of {two['shard_bytes'] / 1e3:,.0f} kB")
+    for name, mb_s in rates.items():
+        cap = mb_s * 1e6 / bpt
+        print(f"    store {name}: {mb_s:,.1f} MB/s → caps a cluster at {cap:,.0f} tok/s "
+              f"= {cap / per_worker:,.0f} such workers")
+    predicted = cluster_tokens_per_s(per_worker, 2, rates["local disk"], bpt)
+    print(f"    the model's 2-node prediction {predicted:,.0f} tok/s vs measured steady state "
+          f"{two['worker_tok_s']:,.0f} ({two['worker_tok_s'] / predicted:.2f})")
+    gpu = cluster_tokens_per_s(args.gpu_tokens_per_s, args.gpu_workers, args.s3_mb_s, bpt)
+    storage_cap = args.s3_mb_s * 1e6 / bpt
+    print(f"(c) projection: {args.gpu_workers} GPU workers × {args.gpu_tokens_per_s:,.0f} tok/s (assumed) = "
+          f"{args.gpu_tokens_per_s * args.gpu_workers:,.0f} tok/s; S3 at {args.s3_mb_s:,.0f} MB/s (assumed) caps at "
+          f"{storage_cap:,.0f} tok/s → {gpu:,.0f} tok/s = {gpu * 3600 / 1e9:.2f} B target tokens per hour "
+          f"({'compute' if gpu < storage_cap else 'storage'}-bound; {bpt * gpu / 1e6:,.1f} MB/s written)")
+
+
+if __name__ == "__main__":
+    main()
