@@ -392,7 +392,7 @@ def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bo
 
     from pipeline.run import init_ray
     from pipeline.tokenizer import Tokenizer
-    from trainers.checkpoint import check_resumable, clear_run
+    from trainers.checkpoint import STATE_FILE, CheckpointError, check_resumable, clear_run
     from trainers.export import export_ct2
     from trainers.glu import prune_checkpoint
     from trainers.models import build_marian, count_parameters, resolve_size
@@ -406,6 +406,15 @@ def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bo
     if restart:
         clear_run(cfg.out, extra=("ct2", "pruned", "results.json", "test.hyp.txt", "ray"))
     check_resumable(cfg.out, fp)  # in the driver: a clear error before any worker starts
+    if cfg.storage:
+        store, name = _storage(cfg, fp)
+        reported = store.filesystem.get_file_info(store.join(name)).type != pafs.FileType.NotFound
+        if restart and reported:
+            store.filesystem.delete_dir(store.join(name))
+        elif not reported and (cfg.out / "checkpoint" / STATE_FILE).is_file():
+            raise CheckpointError(f"{cfg.out} holds a checkpoint of this run kept in `out`, and storage {cfg.storage} "
+                                  f"has no report of it ({name}): the workers would start over. Resume it without "
+                                  "`storage`, or start over with --restart (restart=True).")
     saved, done = cfg.out / "config.json", cfg.out / "results.json"
     if done.is_file() and saved.is_file() and StudentConfig.model_validate_json(saved.read_text()) == cfg:
         results = json.loads(done.read_text())
@@ -415,9 +424,6 @@ def train_student(cfg: StudentConfig, *, address: str | None = None, restart: bo
     saved.write_text(cfg.model_dump_json(indent=2))
     init_ray(address)
     if cfg.storage:
-        store, name = _storage(cfg, fp)
-        if restart and store.filesystem.get_file_info(store.join(name)).type != pafs.FileType.NotFound:
-            store.filesystem.delete_dir(store.join(name))
         run_config = RunConfig(name=name, storage_path=store.root, storage_filesystem=store.filesystem,
                                checkpoint_config=CheckpointConfig(num_to_keep=2))
     else:

@@ -317,3 +317,9 @@ def test_a_run_kept_in_s3_storage_resumes_from_an_empty_out(ray_local, s3_endpoi
     for key in a:
         torch.testing.assert_close(a[key], c[key], rtol=0, atol=0, msg=key)
     assert (tmp_path / "c" / "best" / "config.json").is_file() and (tmp_path / "c" / "ct2" / "model.bin").is_file()
+    # c's out now holds the run's checkpoint: a storage without a report of it is refused, not silently restarted.
+    moved = config(tiny_distilled, tiny_data, tiny_tokenizer, tmp_path / "c", **kw).model_copy(
+        update={"storage": str(tmp_path / "empty-storage")})
+    with pytest.raises(CheckpointError, match="has no report of it"):
+        train_student(moved)
+    assert not (tmp_path / "empty-storage").exists()
