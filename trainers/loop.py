@@ -65,8 +65,10 @@ class Dist:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
+    """The model inside a DistributedDataParallel wrapper and a forward adapter (``trainers.losses.MarianForward``),
+    or the model itself."""
+    model = getattr(model, "module", model)
+    return getattr(model, "unwrapped", model)
 
 
 class OptimConfig(BaseModel):

@@ -119,7 +119,7 @@ def _worker_loop(config: dict) -> None:
     from trainers.data import collate, worker_slice
     from trainers.glu import install_ffn_gates
     from trainers.loop import Dist, fit, to_device, unwrap
-    from trainers.losses import compute_loss, heldout_gate_step, make_gate, marian_logits, nll
+    from trainers.losses import MarianForward, compute_loss, heldout_gate_step, make_gate, marian_logits, nll
     from trainers.models import build_marian, resolve_size
     from trainers.online import OnlineTeacher, anchor_loss, sample_targets, takes_student_data
     from trainers.teacher import load_pairs, make_batches
@@ -150,10 +150,10 @@ def _worker_loop(config: dict) -> None:
         online = OnlineTeacher(cfg.teacher_hf, cfg.loss, tokenizer=tok, device=device)
         if online.trainable:
             model.online_modules = online.modules()  # optimised, clipped and checkpointed with the student
+    model = MarianForward(model)  # logits without <pad> and the decoder states; unwrap(model) is the Marian
     if dist.world_size > 1:
         model = ray.train.torch.prepare_model(model)  # moves it to `device` and wraps it in DDP
     pad_id, opt = tok.pad_id, cfg.optim
-    needs_hidden = cfg.loss.name == "hybrid" and cfg.loss.gate == "token"
 
     def build(global_idx) -> dict:
         """This worker's part of one global batch, its rows fetched from the shards now."""
@@ -175,9 +175,7 @@ def _worker_loop(config: dict) -> None:
             limit = decode_limit(batch["input_ids"].shape[1], length_ratio=2.0, max_length=min(256, max_positions))
             batch = sample_targets(unwrap(model), batch, pad_id=pad_id, eos_id=tok.eos_id, max_new_tokens=limit)
         batch = batch | {"teacher_logits": online.logits(batch)}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=batch["decoder_input_ids"],
-                       decoder_attention_mask=batch["decoder_attention_mask"]).logits[..., :-1]
+        logits, _ = model(batch)
         total = compute_loss(cfg.loss, logits, batch, reduction="sum")
         if cfg.loss.name == "okd":  # the modules' anchor: no student gradient
             total = total + cfg.loss.anchor * anchor_loss(batch["teacher_logits"], batch["labels"])
@@ -190,12 +188,9 @@ def _worker_loop(config: dict) -> None:
         # The heldout gate steps on held-out data every gate_every steps (a no-op for the other gates).
         heldout_gate_step(cfg.loss, unwrap(model), batch, valid_share, logits_fn=marian_logits,
                           all_reduce=torch.distributed.all_reduce if dist.world_size > 1 else None)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    decoder_input_ids=batch["decoder_input_ids"],
-                    decoder_attention_mask=batch["decoder_attention_mask"], output_hidden_states=needs_hidden)
-        hidden = out.decoder_hidden_states[-1] if needs_hidden else None
-        total = compute_loss(cfg.loss, out.logits[..., :-1], batch, gate=getattr(unwrap(model), "kd_gate", None),
-                             hidden=hidden, reduction="sum")
+        logits, states = model(batch)
+        total = compute_loss(cfg.loss, logits, batch, gate=getattr(unwrap(model), "kd_gate", None),
+                             hidden=states, reduction="sum")
         n_local = int((batch["labels"] != -100).sum()) if batch["weight"] else 0
         loss = total * batch["weight"] * dist.world_size / batch["global_tokens"]
         ffn_gates = getattr(unwrap(model), "ffn_gates", None)
@@ -204,9 +199,7 @@ def _worker_loop(config: dict) -> None:
         return loss, n_local
 
     def valid_loss_fn(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=batch["decoder_input_ids"]).logits[..., :-1]
-        return nll(logits, batch["labels"]), int((batch["labels"] != -100).sum())
+        return nll(marian_logits(model, batch), batch["labels"]), int((batch["labels"] != -100).sum())
 
     vsrc, vtgt = load_pairs(cfg.valid, tok, max_positions)  # cut (not skipped) like the teacher's valid split
     valid = make_batches(vsrc, vtgt, pad_id=pad_id, max_tokens=opt.max_tokens, seed=0, epoch=0, shuffle=False)
