@@ -5,6 +5,8 @@
 Teacher: the benchmark's 6+6 d512 Marian (torch, float32 for the online path); student: a smaller preset.
 Both paths train the student with token-level KD (KL to the teacher's top-8); the online path must first run
 the teacher forward and take its top-k, which the offline path reads from the distilled shards instead.
+A third step, the same loss written with plain autograd (full logits sliced to drop ``<pad>``, then
+``log_softmax(·).gather``), measures what ``trainers.losses``' fused output layer saves.
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
+    def plain(batch: dict) -> None:  # the same loss through autograd: what the fused log_softmax_at replaces
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         decoder_input_ids=batch["decoder_input_ids"],
+                         decoder_attention_mask=batch["decoder_attention_mask"]).logits[..., :-1]
+        mask = batch["labels"] != -100
+        log_p = torch.where(mask[..., None], batch["topk_logprobs"], 0.0).log_softmax(-1)
+        log_q = torch.log_softmax(logits, -1).gather(-1, batch["topk_ids"])
+        loss = (log_p.exp() * (log_p - log_q)).sum(-1)[mask].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
     def online(batch: dict) -> None:
         with torch.no_grad():  # what cached top-k saves: the teacher forward and the top-k over V
             logprobs = torch.log_softmax(marian_logits(teacher, batch).float(), -1)
@@ -74,10 +88,13 @@ def main() -> None:
             tail = torch.log1p(-values.exp().sum(-1).clamp(max=1 - 1e-6))
         step(batch | {"topk_ids": ids, "topk_logprobs": values, "tail_logprob": tail})
 
-    step(batches[0]), online(batches[0])  # warm-up
+    step(batches[0]), plain(batches[0]), online(batches[0])  # warm-up
     with Timer() as cached:
         for b in batches:
             step(b)
+    with Timer() as autograd:
+        for b in batches:
+            plain(b)
     with Timer() as live:
         for b in batches:
             online(b)
@@ -86,6 +103,8 @@ def main() -> None:
     for label, t in (("cached top-k", cached), ("online teacher", live)):
         print(f"step with {label:<15}     {t.seconds / len(batches) * 1000:7.1f} ms  ({tokens / t.seconds:,.0f} tok/s)")
     print(f"cached ÷ online speed-up:     {live.seconds / cached.seconds:.2f}× (goal ≥ 1.5×)")
+    print(f"plain autograd step:          {autograd.seconds / len(batches) * 1000:7.1f} ms  "
+          f"({tokens / autograd.seconds:,.0f} tok/s); fused ÷ plain speed-up {autograd.seconds / cached.seconds:.2f}×")
     print(f"reader (plan + fetch + collate):      {tokens / read.seconds:,.0f} tok/s = "
           f"{(tokens / read.seconds) / (tokens / cached.seconds):.1f}× the cached step's rate (must stay > 1)")
 

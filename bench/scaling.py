@@ -10,7 +10,9 @@ same greedy job (the bench teacher, the same sentences, 1 worker × 1 thread per
   (b) the model: cluster tokens/s = min(tokens/s per worker × workers, store write rate ÷ bytes per token),
       with tokens/s per worker and bytes per token from (a)'s jobs, and the write rate of a local-disk store and
       of an S3 server on loopback (moto) measured by writing shard-sized objects through ``pipeline.storage``;
-  (c) that model projected to a GPU cluster whose per-worker rate is an assumption (``--gpu-tokens-per-s``).
+  (c) that model projected to a GPU cluster whose per-worker rate is an assumption (``--gpu-tokens-per-s``);
+  (d) where the machine's CPU went during each job: CPU-seconds per kind of process (the distill workers, Ray's
+      daemons, the driver), sampled with psutil, so a loss in (a) can be put on the process that took the cores.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -50,6 +54,69 @@ def job_spec(paths, corpus: Path, *, workers: int, max_length: int, name: str):
     })
 
 
+def process_kind(proc) -> str:
+    """A readable kind for a process of a local Ray cluster (or this driver), from its name and command line."""
+    if proc.pid == os.getpid():
+        return "driver (this bench)"
+    try:
+        name, cmd = proc.name(), " ".join(proc.cmdline())
+    except Exception:
+        return "other"
+    if name.startswith("ray::") or "default_worker.py" in cmd:
+        return "Ray workers (" + (name.split("::", 1)[1].split(".")[0] if "::" in name else "idle") + ")"
+    for key, kind in (("gcs_server", "GCS"), ("raylet", "raylets"), ("dashboard/agent", "dashboard agents"),
+                      ("runtime_env/agent", "runtime-env agents"), ("dashboard.py", "dashboard"),
+                      ("log_monitor", "log monitors"), ("monitor.py", "autoscaler monitor"),
+                      ("ray start", "ray start (CLI)")):
+        if key in cmd:
+            return kind
+    return "other"
+
+
+class CpuSampler:
+    """CPU-seconds per process kind over a ``with`` block, every process on this machine, sampled every
+    ``every`` s (a process that exits between samples loses at most that much)."""
+
+    def __init__(self, every: float = 0.5):
+        import psutil
+
+        self.psutil, self.every = psutil, every
+        self.start: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        for proc in self.psutil.process_iter():
+            try:
+                t = proc.cpu_times()
+                cpu = t.user + t.system
+                kind = self.last[proc.pid][0] if proc.pid in self.last else process_kind(proc)
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+                continue
+            self.last[proc.pid] = (kind, cpu)
+
+    def __enter__(self):
+        self._sample()
+        self.start = {pid: cpu for pid, (_, cpu) in self.last.items()}
+        self.t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.seconds = time.perf_counter() - self.t0
+        self.by_kind: dict[str, float] = {}
+        for pid, (kind, cpu) in self.last.items():
+            self.by_kind[kind] = self.by_kind.get(kind, 0.0) + cpu - self.start.get(pid, 0.0)
+
+
 def distill_on_nodes(paths, corpus: Path, *, nodes: int, max_length: int) -> dict:
     """The job on a fresh ``nodes``-node cluster (1 CPU each, one worker per node); its rates and shards."""
     import ray
@@ -64,7 +131,7 @@ def distill_on_nodes(paths, corpus: Path, *, nodes: int, max_length: int) -> dic
     cluster = LocalCluster(WORK / "cluster-logs" / f"{nodes}n", num_cpus=1, cwd=ROOT, token=TOKEN)
     try:
         cluster.start(workers=nodes - 1)
-        with Timer() as t:
+        with Timer() as t, CpuSampler() as cpu:
             manifest = run_job(spec, address=cluster.gcs_address)
         ray.shutdown()
     finally:
@@ -82,7 +149,8 @@ def distill_on_nodes(paths, corpus: Path, *, nodes: int, max_length: int) -> dic
             "per_worker_tok_s": sum(tk / s for tk, s in per_node.values()) / len(per_node),
             "bytes_per_token": manifest.counts.bytes / tokens,
             "shard_bytes": manifest.counts.bytes / len(manifest.shards),
-            "shards_per_node": sorted(sum(1 for m in metas if m.node_id == n) for n in per_node)}
+            "shards_per_node": sorted(sum(1 for m in metas if m.node_id == n) for n in per_node),
+            "cpu_seconds": cpu.by_kind, "cpu_wall": cpu.seconds}
 
 
 def machine_ceiling(paths, corpus: Path, *, max_length: int) -> float:
@@ -177,6 +245,18 @@ def main() -> None:
     print(f"(a) 2 nodes ÷ 1 node: whole job {whole:.2f}× (goal ≥ 1.8), steady state {steady:.2f}×; this machine's "
           f"ceiling for two 1-thread decoders (raw CT2, 2 × 1 thread ÷ 1 × 1 thread) {ceiling:.2f}×: the cluster "
           f"reaches {whole / ceiling:.0%} of it (whole job), {steady / ceiling:.0%} (steady state)")
+
+    print(f"(d) CPU-seconds during each job, by process (this machine has {os.cpu_count()} cores):")
+    kinds = sorted(set(one["cpu_seconds"]) | set(two["cpu_seconds"]),
+                   key=lambda k: -(one["cpu_seconds"].get(k, 0) + two["cpu_seconds"].get(k, 0)))
+    for name, r in (("1 node ", one), ("2 nodes", two)):
+        used = sum(r["cpu_seconds"].values())
+        print(f"    {name}: {used:,.1f} CPU-s in {r['cpu_wall']:.1f} s = {used / r['cpu_wall']:.2f} cores busy")
+    for kind in kinds:
+        a, b = one["cpu_seconds"].get(kind, 0.0), two["cpu_seconds"].get(kind, 0.0)
+        if max(a, b) >= 0.5:
+            print(f"      {kind:<32} {a:7.1f} CPU-s ({a / one['cpu_wall']:.2f} cores)   "
+                  f"{b:7.1f} CPU-s ({b / two['cpu_wall']:.2f} cores)")
 
     bpt = two["bytes_per_token"]
     rates = store_rates(object_bytes=int(two["shard_bytes"]), total_bytes=args.store_mb * 1_000_000)
