@@ -1,6 +1,6 @@
 """KD training-step cost: cached top-k (from shards) vs an online teacher forward, and reader vs step speed.
 
-    .venv/bin/python bench/kd_step.py [--sentences 512] [--steps 10] [--student mini]
+    .venv/bin/python bench/kd_step.py [--sentences 512] [--steps 10] [--student mini] [--threads 2]
 
 Teacher: the benchmark's 6+6 d512 Marian (torch, float32 for the online path); student: a smaller preset.
 Both paths train the student with token-level KD (KL to the teacher's top-8); the online path must first run
@@ -27,8 +27,9 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--student", default="mini")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads of the student steps")
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
 
     from transformers import MarianMTModel
 
@@ -99,7 +100,7 @@ def main() -> None:
         for b in batches:
             online(b)
     print(f"{len(batches)} steps, {tokens:,} target tokens, student '{args.student}', teacher 6+6 d512, "
-          f"{THREADS} threads")
+          f"{args.threads} threads")
     for label, t in (("cached top-k", cached), ("online teacher", live)):
         print(f"step with {label:<15}     {t.seconds / len(batches) * 1000:7.1f} ms  ({tokens / t.seconds:,.0f} tok/s)")
     print(f"cached ÷ online speed-up:     {live.seconds / cached.seconds:.2f}× (goal ≥ 1.5×)")

@@ -75,29 +75,31 @@ def process_kind(proc) -> str:
 
 class CpuSampler:
     """CPU-seconds per process kind over a ``with`` block, every process on this machine, sampled every
-    ``every`` s (a process that exits between samples loses at most that much)."""
+    ``every`` s. Each increment goes to the process's kind at that sample (a Ray worker is ``IDLE`` until it
+    becomes an actor); a process that exits between samples loses at most ``every`` s of its CPU."""
 
     def __init__(self, every: float = 0.5):
         import psutil
 
         self.psutil, self.every = psutil, every
-        self.start: dict[int, float] = {}
-        self.last: dict[int, tuple[str, float]] = {}
+        self.last: dict[int, float] = {}
+        self.by_kind: dict[str, float] = {}
         self._stop = threading.Event()
 
-    def _sample(self) -> None:
+    def _sample(self, count: bool = True) -> None:
         for proc in self.psutil.process_iter():
             try:
                 t = proc.cpu_times()
-                cpu = t.user + t.system
-                kind = self.last[proc.pid][0] if proc.pid in self.last else process_kind(proc)
+                kind = process_kind(proc)
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                 continue
-            self.last[proc.pid] = (kind, cpu)
+            cpu = t.user + t.system
+            if count:  # a process first seen inside the block counts from 0
+                self.by_kind[kind] = self.by_kind.get(kind, 0.0) + cpu - self.last.get(proc.pid, 0.0)
+            self.last[proc.pid] = cpu
 
     def __enter__(self):
-        self._sample()
-        self.start = {pid: cpu for pid, (_, cpu) in self.last.items()}
+        self._sample(count=False)
         self.t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -112,9 +114,6 @@ class CpuSampler:
         self._thread.join()
         self._sample()
         self.seconds = time.perf_counter() - self.t0
-        self.by_kind: dict[str, float] = {}
-        for pid, (kind, cpu) in self.last.items():
-            self.by_kind[kind] = self.by_kind.get(kind, 0.0) + cpu - self.start.get(pid, 0.0)
 
 
 def distill_on_nodes(paths, corpus: Path, *, nodes: int, max_length: int) -> dict:
