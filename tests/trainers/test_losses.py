@@ -434,6 +434,15 @@ def test_log_softmax_at_gradient_equals_autograd_of_log_softmax_gather():
     assert torch.autograd.gradcheck(log_softmax_at, (full[..., :-1].detach().requires_grad_(), ids))
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_nll_gradient_equals_cross_entropys(eps):
+    logits, batch, _ = make_batch()
+    mine, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    nll(mine, batch["labels"], label_smoothing=eps).backward()
+    F.cross_entropy(ref.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, label_smoothing=eps).backward()
+    torch.testing.assert_close(mine.grad, ref.grad)
+
+
 @pytest.mark.parametrize("name", ["token", "sentence"])
 def test_kd_gradients_equal_autograd_of_the_plain_formula(name):
     # token: KL(p‖q) with q = log_softmax at the top-k ids; sentence: cross-entropy. Both written with torch ops.
