@@ -376,40 +376,25 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
     remote = ray.remote(_run_unit)
     grid_json = grid.model_dump_json()
     all_cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Units start here, in order, when their inputs are finished and their CPUs are free — not all at once: a
-    # student submitted early would sit in Ray holding a worker process (torch loaded) until its trainer got CPUs,
-    # and the trainers would take them in any order, so an interrupted grid would hold no whole seed. Exclusive
-    # evaluations wait for a moment when nothing runs (in practice: after the students they can run beside).
+    # Units start in order (pick_units), when their inputs are finished and their CPUs are free — not all at
+    # once: a student submitted early would sit in Ray holding a worker process (torch loaded) until its trainer
+    # got CPUs, and the trainers would take them in any order, so an interrupted grid would hold no whole seed.
     queue = sorted(todo, key=lambda u: u.coords.get("seed") or 0)  # stable: dependencies still come first
     running: dict[ray.ObjectRef, Unit] = {}
     free, lost = all_cpus, set()  # lost: keys of units that failed or were blocked
     if on_update:
         on_update(run, [])
     while queue or running:
-        waiting_seed = None  # the seed of the first ready unit that waits for CPUs: no later seed overtakes it
-        for unit in list(queue):
-            if any(k in lost for k in unit.needs):
-                queue.remove(unit)
-                run.blocked.append(unit.name)
-                lost.add(unit.key)
-                continue
-            if any(k not in results for k in unit.needs):
-                continue  # an input is still running: later units may start meanwhile
-            if unit.kind == "eval" and grid.eval.exclusive and running:
-                # It times the model on an idle machine: it starts when nothing runs, and holds up no one until
-                # then (waiting in line, it idled a core for a whole student run each time a student finished).
-                continue
-            seed = unit.coords.get("seed") or 0
-            if waiting_seed is not None and seed > waiting_seed:
-                break
-            need = _cpus_needed(unit, grid, all_cpus)
-            if need > free and running:
-                # Units of its own seed may use the free CPUs meanwhile (an evaluation waiting for all of them
-                # would otherwise idle a core for a whole student run); they run out, so it cannot starve.
-                waiting_seed = seed if waiting_seed is None else waiting_seed
-                continue
+        start, blocked = pick_units(queue, done=set(results), lost=lost, running=len(running), free=free,
+                                    cpus_needed=lambda u: _cpus_needed(u, grid, all_cpus),
+                                    exclusive_eval=grid.eval.exclusive)
+        for unit in blocked:
             queue.remove(unit)
-            free -= need
+            run.blocked.append(unit.name)
+            lost.add(unit.key)
+        for unit in start:
+            queue.remove(unit)
+            free -= _cpus_needed(unit, grid, all_cpus)
             cpus = all_cpus if unit.kind == "eval" and grid.eval.exclusive else 0  # the trainers hold their own
             ref = remote.options(num_cpus=cpus, max_retries=0, name=unit.name).remote(
                 unit, grid_json, paths, *(results[k] for k in unit.needs))
@@ -436,6 +421,41 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
                 lost.add(unit.key)
     run.rows = result_rows(grid, units, results)
     return run
+
+
+def pick_units(queue: list[Unit], *, done: set[str], lost: set[str], running: int, free: int,
+               cpus_needed, exclusive_eval: bool) -> tuple[list[Unit], list[Unit]]:
+    """The units of ``queue`` (in order: seeds ascending, inputs first) to start now, and those blocked for good.
+
+    A unit starts when its inputs are ``done`` and its CPUs are ``free``. A unit whose input failed (``lost``) is
+    blocked. A unit that waits for CPUs holds back every later seed (so an interrupted grid holds whole seeds);
+    units of its own seed may use the free CPUs meanwhile. An exclusive evaluation (timed on an idle machine)
+    that is ready **drains** the machine: nothing else starts until the running units end and it has run. Left
+    waiting instead, it would run only after the last student (students keep a core busy at all times), and an
+    interrupted grid — a session's end — would lose every student that finished without its evaluation: the
+    student's model lives in the cache, which the next machine does not have. Draining costs the running units'
+    difference in length on the freed cores; a grid's paired students (one seed, one budget) end together.
+    """
+    start, blocked, free = [], [], free
+    waiting_seed = None
+    for unit in queue:
+        if any(k in lost for k in unit.needs) or any(b.key in unit.needs for b in blocked):
+            blocked.append(unit)
+            continue
+        if any(k not in done for k in unit.needs):
+            continue  # an input is still running: later units may start meanwhile
+        if unit.kind == "eval" and exclusive_eval and (running or start):
+            break  # drain: it starts when nothing runs
+        seed = unit.coords.get("seed") or 0
+        if waiting_seed is not None and seed > waiting_seed:
+            break
+        need = cpus_needed(unit)
+        if need > free and (running or start):
+            waiting_seed = seed if waiting_seed is None else waiting_seed
+            continue
+        start.append(unit)
+        free -= need
+    return start, blocked
 
 
 def _cpus_needed(unit: Unit, grid: GridSpec, all_cpus: int) -> int:

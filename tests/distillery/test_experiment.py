@@ -138,10 +138,23 @@ def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_loc
     seed = {u.name: u.coords.get("seed") for u in resumed.units}
     started = list(dict.fromkeys(n for running in seen for n in running if n.startswith("student-")))
     assert [seed[n] for n in started] == sorted(seed[n] for n in started) and started
-    # An evaluation waits for the students instead of waiting in line with a core idle (each time a student
-    # finished, its evaluation used to block the next seed's students until the other student was done).
-    training = [i for i, running in enumerate(seen) if any(n.startswith("student-") for n in running)]
-    assert not [running for running in seen[training[0]:training[-1]] if any(n.startswith("eval-") for n in running)]
+    # A finished student's evaluation drains the machine: no student starts between the end of a student and
+    # its evaluation (left for the end, a grid cut off meanwhile loses the student with the session's cache).
+    first, last = {}, {}
+    for i, running in enumerate(seen):
+        for name in running:
+            first.setdefault(name, i)
+            last[name] = i
+    by_key = {u.key: u.name for u in resumed.units}
+    checked = 0
+    for unit in resumed.units:
+        inputs = [by_key[k] for k in unit.needs if by_key[k] in first]
+        if unit.kind != "eval" or not inputs or not inputs[0].startswith("student-"):
+            continue
+        ended, evaluated = last[inputs[0]], first[unit.name]
+        assert not [n for n in first if n.startswith("student-") and ended < first[n] < evaluated], unit.name
+        checked += 1
+    assert checked >= 2
     assert len(every) == 1 + 4 + 5  # one dataset, 2 methods × 2 seeds, an eval of each and of the teacher
     assert set(resumed.reused) == set(finished), "a finished unit must be reused, not redone"
     assert set(resumed.ran) == every - set(finished), "exactly the unfinished units run"
