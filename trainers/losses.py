@@ -37,57 +37,41 @@ _LOG_FLOOR = -1e4
 
 
 class _LogSoftmaxAt(torch.autograd.Function):
-    """``log_softmax(z, -1).gather(-1, ids)`` with a hand-written backward.
+    """``log_softmax(z, -1).gather(-1, ids)``, label-smoothed by ε, with a hand-written backward.
 
     The output layer dominates a small student's step: with an 8k vocabulary every full ``[B, T, V]`` pass costs
     as much as a transformer layer. Autograd of ``gather − logsumexp`` makes about five of them backwards
-    (logsumexp's ``exp(z − lse)·g``, gather's zero-filled scatter, their sum); the gradient written here,
-    ``∂/∂z = scatter(g) − softmax(z)·Σ_k g``, makes one (``bench/kd_step.py``: with the logits computed
-    without their ``<pad>`` row, a `tiny` token-KD step 1.8× faster than before).
+    (logsumexp's ``exp(z − lse)·g``, gather's zero-filled scatter, their sum); the gradient written here makes one
+    (``bench/kd_step.py``: with the logits computed without their ``<pad>`` row, a `tiny` token-KD step 1.8×
+    faster than before). With smoothing ε the value at each id is ``(1−ε)·log q(id) + ε·mean_v log q(v)``
+    ``= (1−ε)·z_id + ε·mean(z) − lse`` (so its negation at the label is ``F.cross_entropy(label_smoothing=ε)``),
+    and ``∂/∂z = scatter((1−ε)·g) + (ε/V − softmax(z))·Σ_k g``.
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, z: torch.Tensor, ids: torch.Tensor, eps: float) -> torch.Tensor:
         lse = torch.logsumexp(z, -1, keepdim=True)
+        out = z.gather(-1, ids)
+        if eps:
+            out = (1 - eps) * out + eps * z.mean(-1, keepdim=True)
         ctx.save_for_backward(z, lse, ids)
-        return z.gather(-1, ids) - lse
+        ctx.eps = eps
+        return out - lse
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         z, lse, ids = ctx.saved_tensors
-        grad = torch.sub(z, lse).exp_().mul_(-g.sum(-1, keepdim=True))
-        return grad.scatter_add_(-1, ids, g), None
-
-
-def log_softmax_at(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``log softmax(z)`` over the last dim at ``ids`` (``[..., k]``, int64): the student's ``log q`` there."""
-    return _LogSoftmaxAt.apply(z, ids)
-
-
-class _SmoothedNll(torch.autograd.Function):
-    """Per-token ``−(1−ε)·log q(y) − ε·mean_v log q(v) = lse − (1−ε)·z_y − ε·mean(z)``, the cross-entropy of
-    ``F.cross_entropy(label_smoothing=ε)``, with the one-pass backward of :class:`_LogSoftmaxAt`:
-    ``∂/∂z = (softmax(z) − ε/V)·g − (1−ε)·g`` at ``y``."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
-        lse = torch.logsumexp(z, -1, keepdim=True)
-        loss = lse - (1 - eps) * z.gather(-1, labels)
-        if eps:
-            loss = loss - eps * z.mean(-1, keepdim=True)
-        ctx.save_for_backward(z, lse, labels)
-        ctx.eps = eps
-        return loss[..., 0]
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        z, lse, labels = ctx.saved_tensors
-        g = g[..., None]
         grad = torch.sub(z, lse).exp_()
         if ctx.eps:
             grad.sub_(ctx.eps / z.shape[-1])
-        grad.mul_(g)
-        return grad.scatter_add_(-1, labels, -(1 - ctx.eps) * g), None, None
+        grad.mul_(-g.sum(-1, keepdim=True))
+        return grad.scatter_add_(-1, ids, (1 - ctx.eps) * g if ctx.eps else g), None, None
+
+
+def log_softmax_at(z: torch.Tensor, ids: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """``log softmax(z)`` over the last dim at ``ids`` (``[..., k]``, int64): the student's ``log q`` there;
+    with ``smoothing`` ε, ``(1−ε)·log q(id) + ε·mean_v log q(v)``."""
+    return _LogSoftmaxAt.apply(z, ids, float(smoothing))
 
 
 def _reduce(loss_map: torch.Tensor, labels: torch.Tensor, reduction: Reduction) -> torch.Tensor:
@@ -164,7 +148,7 @@ def _support(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Ten
 
 def _nll_map(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Per-token cross-entropy ``[B, T]`` (0 on padding), label-smoothed like ``F.cross_entropy``."""
-    loss = _SmoothedNll.apply(logits.float(), labels.clamp_min(0)[..., None], float(label_smoothing))
+    loss = -log_softmax_at(logits.float(), labels.clamp_min(0)[..., None], label_smoothing)[..., 0]
     return torch.where(labels != IGNORE, loss, 0.0)
 
 

@@ -415,23 +415,26 @@ def test_compute_loss_dispatches_options():
     assert make_gate(LossConfig(name="token"), d_model=D) is None
 
 
-def test_log_softmax_at_gradient_equals_autograd_of_log_softmax_gather():
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_log_softmax_at_gradient_equals_autograd_of_log_softmax_gather(eps):
     # The hand-written backward against autograd through torch.log_softmax, on a non-contiguous slice (the
-    # training logits drop their <pad> column) with repeated ids (padding rows carry id 0 k times).
+    # training logits drop their <pad> column) with repeated ids (padding rows carry id 0 k times); with
+    # smoothing ε the reference is (1−ε)·log q(id) + ε·mean_v log q(v).
     g = torch.Generator().manual_seed(3)
     full = (3 * torch.randn(B, T, V + 1, generator=g, dtype=torch.float64))
     ids = torch.randint(0, V, (B, T, 4), generator=g)
     ids[1, 2] = 0
     upstream = torch.randn(B, T, 4, generator=g, dtype=torch.float64)
     mine, ref = full.clone().requires_grad_(), full.clone().requires_grad_()
-    out = log_softmax_at(mine[..., :-1], ids)
-    expected = torch.log_softmax(ref[..., :-1], -1).gather(-1, ids)
+    out = log_softmax_at(mine[..., :-1], ids, eps)
+    log_q = torch.log_softmax(ref[..., :-1], -1)
+    expected = (1 - eps) * log_q.gather(-1, ids) + eps * log_q.mean(-1, keepdim=True)
     torch.testing.assert_close(out, expected)
     (out * upstream).sum().backward()
     (expected * upstream).sum().backward()
     torch.testing.assert_close(mine.grad, ref.grad)
     assert (mine.grad[..., -1] == 0).all()  # the dropped column gets nothing
-    assert torch.autograd.gradcheck(log_softmax_at, (full[..., :-1].detach().requires_grad_(), ids))
+    assert torch.autograd.gradcheck(log_softmax_at, (full[..., :-1].detach().requires_grad_(), ids, eps))
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
