@@ -303,13 +303,48 @@ def tvd(logits: torch.Tensor, batch: dict, *, reduction: Reduction = "mean") -> 
     return _reduce(0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1), batch["labels"], reduction)
 
 
+class _KlFromLogits(torch.autograd.Function):
+    """``KL(softmax(a) ‖ softmax(b))`` over the last dim, ``[...]``, with a hand-written backward.
+
+    Autograd of two ``log_softmax`` and ``Σ p·(log p − log q)`` makes about ten full ``[B, T, V]`` passes
+    backwards; here each side's ``exp`` is taken once (the costly pass), ``p``, ``q`` and ``log p − log q`` are
+    kept from the forward (three ``[B, T, V]`` buffers), and the gradients ``∂/∂b = q − p`` and
+    ``∂/∂a = p·(log p − log q − KL)`` take one pass each.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        def softmax_and_shift(z):  # softmax(z) and the log-normaliser lse(z), from one exp
+            m = z.amax(-1, keepdim=True)
+            e = torch.sub(z, m).exp_()
+            s = e.sum(-1, keepdim=True)
+            return e.div_(s), s.log_().add_(m)
+
+        p, lse_a = softmax_and_shift(a)
+        q, lse_b = softmax_and_shift(b)
+        diff = torch.sub(a, b).sub_(lse_a - lse_b)  # log p − log q
+        kl = torch.linalg.vecdot(p, diff)
+        ctx.save_for_backward(p, q, diff, kl)
+        return kl
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        p, q, diff, kl = ctx.saved_tensors
+        g = g[..., None]
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_b = torch.sub(q, p).mul_(g)
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.sub(diff, kl[..., None]).mul_(p).mul_(g)
+        return grad_a, grad_b
+
+
 def online_kl(logits: torch.Tensor, batch: dict, *, reduction: Reduction = "mean") -> torch.Tensor:
     """Forward ``KL(p_T ‖ p_S)`` over the full vocabulary from the teacher's logits computed online
     (``batch["teacher_logits"]`` ``[B, T, V]``): the student side of ``okd`` and ``on_policy`` (``trainers.online``).
     A gradient reaches the teacher when its logits carry one (``okd``'s online modules)."""
-    log_p = F.log_softmax(batch["teacher_logits"].float(), dim=-1)
-    log_q = F.log_softmax(logits.float(), dim=-1)
-    return _reduce(_kl(log_p, log_q), batch["labels"], reduction)
+    kl = _KlFromLogits.apply(batch["teacher_logits"].float(), logits.float())
+    return _reduce(kl, batch["labels"], reduction)
 
 
 class HybridGate(torch.nn.Module):

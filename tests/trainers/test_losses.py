@@ -22,6 +22,7 @@ from trainers.losses import (
     log_softmax_at,
     make_gate,
     nll,
+    online_kl,
     reverse_kl,
     sentence_kd,
     skew_kl,
@@ -462,3 +463,24 @@ def test_kd_gradients_equal_autograd_of_the_plain_formula(name):
         expected = F.cross_entropy(ref.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
     expected.backward()
     torch.testing.assert_close(mine.grad, ref.grad)
+
+
+@pytest.mark.parametrize("teacher_grad", [True, False])
+def test_online_kl_gradients_equal_autograd_of_torch_distributions(teacher_grad):
+    # okd's teacher logits carry a gradient (its online modules), on_policy's do not; the reference is
+    # torch.distributions' KL between the two full-vocabulary categoricals, through autograd.
+    g = torch.Generator().manual_seed(5)
+    a, b = (3 * torch.randn(B, T, V, generator=g) for _ in range(2))
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, -2:] = IGNORE
+    mine_a, ref_a = a.clone().requires_grad_(teacher_grad), a.double().requires_grad_(teacher_grad)
+    mine_b, ref_b = b.clone().requires_grad_(), b.double().requires_grad_()
+    got = online_kl(mine_b, {"teacher_logits": mine_a, "labels": labels})
+    per_token = kl_divergence(Categorical(logits=ref_a), Categorical(logits=ref_b))
+    expected = torch.where(labels != IGNORE, per_token, 0.0).sum() / (labels != IGNORE).sum()
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(mine_b.grad, ref_b.grad.float(), rtol=1e-4, atol=1e-7)
+    if teacher_grad:
+        torch.testing.assert_close(mine_a.grad, ref_a.grad.float(), rtol=1e-4, atol=1e-7)
