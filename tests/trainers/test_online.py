@@ -17,7 +17,7 @@ from pipeline.errors import InputError
 from trainers.batching import IGNORE, seq2seq_batch
 from trainers.losses import LossConfig, compute_loss, marian_logits, nll
 from trainers.models import ModelSize, build_marian
-from trainers.online import OnlineTeacher, anchor_loss, sample_targets, takes_student_data
+from trainers.online import InverseCdfSampler, OnlineTeacher, anchor_loss, sample_targets, takes_student_data
 from trainers.student import StudentConfig
 
 SMALL = ModelSize(d_model=32, encoder_layers=1, decoder_layers=1, heads=2, ffn_dim=64, dropout=0.0)
@@ -120,6 +120,19 @@ def test_on_policy_targets_are_samples_of_the_student(tiny_data, tiny_tokenizer)
         eos = (row == tok.eos_id).nonzero().flatten()
         if len(eos):
             assert bool(mask[: eos[0] + 1].all()) and not bool(mask[eos[0] + 1:].any())
+
+
+def test_the_sampler_draws_from_the_softmax_and_never_a_suppressed_token():
+    # A hand-built distribution over 6 ids (id 3 suppressed: −inf, id 5 has mass 0.01); 40,000 draws.
+    probs = torch.tensor([0.45, 0.25, 0.19, 0.0, 0.10, 0.01])
+    scores = probs.log().expand(40_000, -1).clone() + 7.0  # softmax ignores a shift
+    torch.manual_seed(0)
+    out = InverseCdfSampler()(torch.zeros(40_000, 1, dtype=torch.long), scores)
+    picked = out.argmax(-1)
+    assert bool((out.max(-1).values == 0).all()) and bool((torch.isinf(out).sum(-1) == 5).all())  # one id left
+    freq = torch.bincount(picked, minlength=6).double() / 40_000
+    assert freq[3] == 0
+    torch.testing.assert_close(freq, probs.double(), atol=0.01, rtol=0)  # binomial sd ≤ 0.0025
 
 
 def test_student_data_share_is_a_function_of_the_batch(tiny_data, tiny_tokenizer):
