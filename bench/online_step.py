@@ -11,7 +11,8 @@ target tokens like the grid's. One run times, side by side on the same batches:
   once with ``trainers.losses``' fused full-vocabulary KL and once with the same KL through plain autograd;
 - ``on_policy``: the student samples each batch's targets, then the frozen teacher scores them (every batch
   sampled; the grid samples half its batches, so its average step is the mean of this and an unsampled one,
-  also printed).
+  also printed);
+- sampling alone: one batch sampled by transformers' multinomial and by ``InverseCdfSampler``.
 
 Ratios to the ``token`` step are what the okd grid's cost comment (``experiments/okd.yaml``) quotes.
 """
@@ -64,7 +65,7 @@ def main() -> None:
     from trainers.ct2_back import save_back
     from trainers.losses import LossConfig, MarianForward, compute_loss, marian_logits
     from trainers.models import build_marian
-    from trainers.online import OnlineTeacher, anchor_loss, sample_targets
+    from trainers.online import InverseCdfSampler, OnlineTeacher, anchor_loss, sample_targets
 
     hf = WORK / "shipped-teacher-hf"
     if not (hf / "model.safetensors").is_file():
@@ -120,11 +121,31 @@ def main() -> None:
             "on_policy, batch sampled": method("on_policy", sample=True),
             "on_policy, batch not sampled": method("on_policy")}
     runs["on_policy, the grid's half"] = (runs["on_policy, batch sampled"] + runs["on_policy, batch not sampled"]) / 2
+
+    # Sampling alone: transformers' multinomial (an exponential variate per vocabulary entry) vs InverseCdfSampler.
+    torch.manual_seed(0)
+    student = build_marian(args.student, vocab_size=len(tok), pad_id=tok.pad_id, eos_id=tok.eos_id).eval()
+    b = data[1]
+    common = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "num_beams": 1,
+              "max_new_tokens": decode_limit(b["input_ids"].shape[1], length_ratio=2.0, max_length=256),
+              "suppress_tokens": [tok.pad_id]}
+    ways = {"multinomial": {"do_sample": True, "top_k": 0, "top_p": 1.0},
+            "inverse CDF": {"do_sample": False, "logits_processor": [InverseCdfSampler()]}}
+    sampling = {}
+    with torch.no_grad():
+        for _ in range(2):  # the first round warms up
+            for way, options in ways.items():
+                with Timer() as t:
+                    out = student.generate(**common, **options)
+                sampling[way] = t.seconds
     print(f"{args.steps} steps of ~{tokens // args.steps:,} reference target tokens, student '{args.student}', "
           f"teacher {TEACHER.name} (torch, float32), {args.threads} thread(s)")
     for label, seconds in runs.items():
         print(f"{label:<30} {seconds * 1000:8.1f} ms/step  {seconds / runs['token']:5.2f}× token")
     print(f"okd: fused KL ÷ plain-autograd KL step time {runs['okd'] / runs['okd, plain-autograd KL']:.2f}")
+    print(f"sampling one batch ({b['input_ids'].shape[0]} sources, {out.shape[1] - 1} steps): transformers' "
+          f"multinomial {sampling['multinomial']:.2f} s, inverse CDF {sampling['inverse CDF']:.2f} s "
+          f"({sampling['multinomial'] / sampling['inverse CDF']:.2f}×)")
 
 
 if __name__ == "__main__":
