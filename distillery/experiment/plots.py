@@ -42,7 +42,8 @@ def _series(aggs: Sequence[Aggregate], fields: Sequence[str]) -> dict[str, list[
     varying = [f for f in fields if any(len({getattr(a, f) for a in students if a.method == m}) > 1 for m in methods)]
     lines: dict[str, list[Aggregate]] = {}
     for a in students:
-        label = " · ".join([a.method, *(str(getattr(a, f)) for f in varying)])
+        gated = ["learned FFN width"] if a.size.endswith("-gates") or "-gates[" in a.size else []  # trainers/glu.py
+        label = " · ".join([a.method, *(str(getattr(a, f)) for f in varying), *gated])
         lines.setdefault(label, []).append(a)
     return lines
 
@@ -76,7 +77,10 @@ def bleu_vs_parameters(aggs: Sequence[Aggregate], teacher: Aggregate | None, pat
     _draw_series(ax, series, "parameters")
     _teacher_lines(ax, teacher)
     ax.set_xscale("log")
-    sizes = sorted({a.parameters for a in students})
+    sizes = []
+    for p in sorted({a.parameters for a in students}):
+        if not sizes or p > 1.05 * sizes[-1]:  # sizes within 5 % (a pruned student beside a fixed one) share a tick
+            sizes.append(p)
     ax.set_xticks(sizes, [fmt_params(p) for p in sizes], minor=False)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set(xlabel="student parameters (log scale)", ylabel="test BLEU (mean ± 95 % CI over seeds)", title=title)

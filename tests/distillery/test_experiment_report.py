@@ -432,3 +432,15 @@ def test_results_doc_has_the_trajectories_of_its_grids(tmp_path):
     doc = out.read_text()
     assert "### Trajectories" in doc and "Token weight g of the hybrid gate" in doc
     assert "Kept fraction of FFN channels" in doc and "| hybrid | tiny | 1 | 0.900 | 0.900 | constant |" in doc
+
+
+def test_a_learned_width_student_is_its_own_line_in_the_plots():
+    from distillery.experiment.plots import _series
+    from distillery.experiment.stats import aggregate
+
+    rows = [*seeds("token", "small", [8, 9, 10]), *seeds("token", "mini", [9, 10, 11])]
+    gated = [r.model_copy(update={"size": "small-gates", "parameters": 1_990_000, "unit": r.unit + "-g"})
+             for r in seeds("token", "small", [9, 10, 11])]
+    lines = _series(aggregate(rows + gated), ("decoding", "noise_label"))
+    assert {label: [a.size for a in line] for label, line in lines.items()} == {
+        "token": ["small", "mini"], "token · learned FFN width": ["small-gates"]}
