@@ -45,12 +45,21 @@ class UncertaintyGate(torch.nn.Module):
     it starts as ½·(L_token + L_sentence)), trained by the student's optimiser. ``∂L/∂s_i = ½(1 − L_i·e^{−s_i})``
     vanishes at ``σ_i² = L_i``: each scale tracks its loss instead of running to a vertex. The reported gate is
     the implied token weight ``g = σ₁⁻² / (σ₁⁻² + σ₂⁻²)`` (= ``L_sentence / (L_token + L_sentence)`` there).
+
+    ``lr_scale``: the two scales learn at ``lr_scale ×`` the student's learning rate (``trainers.loop.make_optimizer``
+    reads it). At the student's rate they cannot keep up: Adam moves ``s_i`` by about ``lr`` per step, and the
+    losses sit near ``log σ² ≈ 1.6`` after a few hundred steps, so in the 800-step `tiny` grid at lr 1e-3 both
+    σ² were still climbing at the end (1.55) and the implied weight never left 0.50.
     """
 
-    def __init__(self):
+    def __init__(self, lr_scale: float = 1.0):
         super().__init__()
+        if lr_scale <= 0:
+            raise ValueError(f"an uncertainty gate needs lr_scale > 0, got {lr_scale}")
         self.s_token = torch.nn.Parameter(torch.zeros(()))
         self.s_sentence = torch.nn.Parameter(torch.zeros(()))
+        for s in (self.s_token, self.s_sentence):
+            s.lr_scale = float(lr_scale)
 
     def mix(self, tok: torch.Tensor, sent: torch.Tensor, mask: torch.Tensor, hidden=None) -> torch.Tensor:
         # The regulariser log σ₁σ₂ = (s₁+s₂)/2 on every token, so that the token mean (or sum / token count)

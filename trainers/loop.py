@@ -131,6 +131,21 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors and scalars do not. A parameter with an ``lr_scale`` attribute (set by the
+    module that owns it, e.g. ``trainers.gates.UncertaintyGate``) learns at ``lr_scale × lr`` in a group of its
+    own, which the schedule scales like the others; a model without one has the same two groups as always."""
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
+    for p in model.parameters():
+        groups.setdefault((p.ndim >= 2, float(getattr(p, "lr_scale", 1.0))), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
+         for (decay, scale), params in groups.items()],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+
+
 def make_schedule(optimizer, cfg: OptimConfig, total_steps: int):
     """LambdaLR for the configured schedule; ``total_steps`` matters only for cosine."""
     warmup = max(cfg.warmup_steps, 1)
@@ -229,13 +244,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     model.to(device)
     amp = autocast_dtype(cfg.precision, device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
+    optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(train_batches(0))
     total = cfg.max_steps or steps_per_epoch * cfg.max_epochs
     scheduler = make_schedule(optimizer, cfg, total)

@@ -491,6 +491,7 @@ class LossConfig(BaseModel):
     g: float = Field(0.5, ge=0, le=1)  # hybrid, gate fixed: the token weight
     gate_lr: float = Field(0.5, gt=0)  # hybrid, gate heldout: step size of w per held-out update
     gate_every: int = Field(50, gt=0)  # hybrid, gate heldout: training steps between held-out updates
+    gate_lr_scale: float = Field(20.0, gt=0)  # hybrid, gate uncertainty: its scales' lr ÷ the student's
     lora_rank: int = Field(8, gt=0)  # okd: rank of the teacher's LoRA modules
     lora_alpha: float = Field(16.0, gt=0)  # okd: LoRA scale (the update is alpha/rank · B·A)
     lora_targets: list[str] = Field(["q_proj", "v_proj"], min_length=1)  # okd: teacher projections with modules
@@ -515,7 +516,7 @@ class LossConfig(BaseModel):
 
 # The LossConfig fields each hybrid gate reads (scalar and token read none, so their fingerprints are unchanged).
 _GATE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "scalar": (), "token": (), "fixed": ("g",), "uncertainty": (), "heldout": ("gate_lr", "gate_every"),
+    "scalar": (), "token": (), "fixed": ("g",), "uncertainty": ("gate_lr_scale",), "heldout": ("gate_lr", "gate_every"),
 }
 
 
@@ -526,7 +527,7 @@ def make_gate(cfg: LossConfig, *, d_model: int) -> Gate | None:
     if cfg.gate == "fixed":
         return FixedGate(cfg.g)
     if cfg.gate == "uncertainty":
-        return UncertaintyGate()
+        return UncertaintyGate(lr_scale=cfg.gate_lr_scale)
     if cfg.gate == "heldout":
         return HeldoutGate(lr=cfg.gate_lr, every=cfg.gate_every)
     return HybridGate(cfg.gate, d_model=d_model)

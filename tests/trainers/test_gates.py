@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tests.trainers.test_losses import make_batch
 from trainers.batching import IGNORE, seq2seq_batch
 from trainers.gates import FixedGate, HeldoutGate, UncertaintyGate
+from trainers.loop import OptimConfig, make_optimizer, make_schedule
 from trainers.losses import (
     HybridGate,
     LossConfig,
@@ -147,6 +148,47 @@ def test_uncertainty_gate_on_a_training_student_settles_at_the_balance_of_its_lo
     assert sigmas["sigma_sentence"] ** 2 == pytest.approx(sent, rel=0.02)
 
 
+def uncertainty_after(lr_scale: float, steps: int) -> tuple[float, float]:
+    """σ₁², σ₂² after ``steps`` of the student's real optimiser and warmup schedule (lr 1e-3, as the gates grid)
+    on constant losses L_token = 4, L_sentence = 6 (about what the grid's `tiny` students train on)."""
+    model = Table()
+    model.kd_gate = UncertaintyGate(lr_scale=lr_scale)
+    cfg = OptimConfig(lr=1e-3, warmup_steps=150)
+    opt = make_optimizer(model, cfg)
+    schedule = make_schedule(opt, cfg, steps)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    for _ in range(steps):
+        loss = model.kd_gate.mix(torch.full((1, 3), 4.0), torch.full((1, 3), 6.0), mask).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    return math.exp(float(model.kd_gate.s_token.detach())), math.exp(float(model.kd_gate.s_sentence.detach()))
+
+
+def test_uncertainty_gate_at_the_students_lr_is_rate_limited_and_its_lr_scale_lets_it_reach_the_balance():
+    """The tiny grid's finding, reproduced: at the student's lr, 800 steps leave both σ² far below their losses
+    (the weight stays ≈ 0.5 whatever the losses); with lr_scale 20 they settle at σ_i² = L_i, g = 6/10."""
+    slow = uncertainty_after(1.0, 800)
+    assert slow[0] < 2.2 and slow[1] < 2.2  # still climbing toward 4 and 6
+    fast = uncertainty_after(20.0, 800)
+    assert fast == pytest.approx((4.0, 6.0), rel=0.03)
+    assert fast[1] / (fast[0] + fast[1]) == pytest.approx(0.6, abs=0.01)  # g = L_sent / (L_tok + L_sent)
+
+
+def test_make_optimizer_gives_lr_scaled_parameters_their_own_group_and_keeps_two_groups_otherwise():
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.01)
+    plain = make_optimizer(Table(), cfg)
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in plain.param_groups] == [(1, 1e-3, 0.01),
+                                                                                            (0, 1e-3, 0.0)]
+    model = Table()
+    model.kd_gate = UncertaintyGate(lr_scale=20)
+    groups = make_optimizer(model, cfg).param_groups
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, 0.01), (0, 0.0), (2, 0.0)]
+    assert groups[2]["lr"] == pytest.approx(0.02) and groups[1]["lr"] == 1e-3
+    assert {id(p) for p in groups[2]["params"]} == {id(model.kd_gate.s_token), id(model.kd_gate.s_sentence)}
+
+
 def test_uncertainty_gate_collapses_onto_a_loss_the_student_can_drive_to_zero():
     """The finding for uncertainty weighting: with L_sent → 0 (one hypothesis the student memorises), σ₂ → 0 and
     log σ₂ → −∞: the objective is unbounded below and the weight runs to the sentence vertex."""
@@ -273,7 +315,8 @@ def test_gate_settings_are_training_fields():
     assert base == {"name": "hybrid", "temperature": 1.0, "tail": "renormalize", "weighting": "none",
                     "label_smoothing": 0.0, "gate": "scalar"}  # unchanged for the old gates
     assert LossConfig(name="hybrid", gate="fixed", g=0.2).training_fields() == base | {"gate": "fixed", "g": 0.2}
-    assert LossConfig(name="hybrid", gate="uncertainty").training_fields() == base | {"gate": "uncertainty"}
+    assert LossConfig(name="hybrid", gate="uncertainty", gate_lr_scale=5).training_fields() == (
+        base | {"gate": "uncertainty", "gate_lr_scale": 5.0})
     assert LossConfig(name="hybrid", gate="heldout", gate_lr=0.3, gate_every=7).training_fields() == (
         base | {"gate": "heldout", "gate_lr": 0.3, "gate_every": 7})
     assert "g" not in LossConfig(name="token", g=0.2).training_fields()
@@ -281,7 +324,8 @@ def test_gate_settings_are_training_fields():
         LossConfig(name="hybrid", gate="learned")
 
 
-# --- resume: the heldout gate's state (w, its counters) lives in buffers, so a resumed run continues exactly.
+# --- resume: the heldout gate's state (w, its counters) lives in buffers, the uncertainty gate's scales in their own
+# optimiser group: a resumed run continues exactly.
 
 def _marian_batches(seed: int, n: int, vocab: int, pad: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
@@ -301,12 +345,11 @@ def _marian_batches(seed: int, n: int, vocab: int, pad: int) -> list[dict]:
     return out
 
 
-def _fit(run_dir, max_steps: int):
+def _fit(run_dir, max_steps: int, cfg: LossConfig):
     from trainers.loop import OptimConfig, fit
     from trainers.models import ModelSize, build_marian
 
     vocab, pad = 20, 19
-    cfg = LossConfig(name="hybrid", gate="heldout", gate_every=3, gate_lr=1.0)
     torch.manual_seed(0)
     model = build_marian(ModelSize(d_model=16, encoder_layers=1, decoder_layers=1, heads=2, ffn_dim=32, dropout=0.2),
                          vocab_size=vocab, pad_id=pad, eos_id=0)
@@ -325,13 +368,18 @@ def _fit(run_dir, max_steps: int):
                valid_loss_fn=valid_loss_fn, cfg=opt, run_dir=run_dir, progress_bar=False)
 
 
-def test_heldout_gate_resumes_exactly(tmp_path):
-    _fit(tmp_path / "a", 9)
-    _fit(tmp_path / "b", 4)  # stops after its step-4 checkpoint (gate stepped at 3) ...
-    _fit(tmp_path / "b", 9)  # ... and continues to 9 (steps at 6 and 9) under the larger budget
+@pytest.mark.parametrize("gate", ["heldout", "uncertainty"])
+def test_gates_resume_exactly(tmp_path, gate):
+    cfg = LossConfig(name="hybrid", gate=gate, gate_every=3, gate_lr=1.0, gate_lr_scale=20)
+    _fit(tmp_path / "a", 9, cfg)
+    _fit(tmp_path / "b", 4, cfg)  # stops after its step-4 checkpoint (a heldout gate stepped at 3) ...
+    _fit(tmp_path / "b", 9, cfg)  # ... and continues to 9 (steps at 6 and 9) under the larger budget
     a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
     b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
-    assert int(a["kd_gate.updates"]) == 3 and int(a["kd_gate.calls"]) == 9 and float(a["kd_gate.w"]) != 0
+    if gate == "heldout":
+        assert int(a["kd_gate.updates"]) == 3 and int(a["kd_gate.calls"]) == 9 and float(a["kd_gate.w"]) != 0
+    else:  # nine steps at lr_scale × 1e-2: at the student's lr Adam could move them 0.09 at most
+        assert float(a["kd_gate.s_token"]) > 0.5 and float(a["kd_gate.s_sentence"]) > 0.5
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
