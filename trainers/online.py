@@ -104,6 +104,19 @@ class OnlineTeacher:
         with torch.set_grad_enabled(bool(self.trainable) and torch.is_grad_enabled()):
             return marian_logits(self.model, batch)
 
+    @torch.no_grad()
+    def valid_loss(self, batches) -> float:
+        """The teacher's token-mean NLL on the references of ``batches`` (on its device): for ``okd``, how far
+        its online modules have moved it from the frozen teacher, whose value is the one before training (the
+        modules start as a zero update)."""
+        from trainers.losses import marian_logits, nll
+
+        total, tokens = 0.0, 0
+        for batch in batches:
+            total += float(nll(marian_logits(self.model, batch), batch["labels"], reduction="sum"))
+            tokens += int((batch["labels"] != IGNORE).sum())
+        return total / max(tokens, 1)
+
     def base_state(self) -> dict[str, torch.Tensor]:
         """The frozen weights (modules excluded) under their checkpoint names: what must stay bit-identical."""
         return {name.replace(".base_layer.", "."): t for name, t in self.model.state_dict().items()

@@ -203,12 +203,17 @@ def _worker_loop(config: dict) -> None:
 
     vsrc, vtgt = load_pairs(cfg.valid, tok, max_positions)  # cut (not skipped) like the teacher's valid split
     valid = make_batches(vsrc, vtgt, pad_id=pad_id, max_tokens=opt.max_tokens, seed=0, epoch=0, shuffle=False)
+    valid_local = [to_device(b, device) for b in valid[dist.rank::dist.world_size]]
     heldout = cfg.loss.name == "hybrid" and cfg.loss.gate == "heldout"
-    valid_share = [to_device(b, device) for b in valid[dist.rank::dist.world_size]] if heldout else []  # its data
+    valid_share = valid_local if heldout else []  # its data
     bleu_pairs = pq.read_table(cfg.valid, columns=["source", "target"]).slice(0, cfg.bleu_sentences).to_pylist()
     last_bleu = {"bucket": 0}
+    if online is not None and online.trainable and dist.is_main:  # one worker: StudentConfig refuses more
+        append_metrics(run_dir, {"event": "online_teacher", "valid_loss": online.valid_loss(valid_local)})
 
     def on_validate(record: dict) -> None:
+        if online is not None and online.trainable:  # okd: how far the modules moved the teacher (NLL, refs)
+            record["teacher_valid_loss"] = online.valid_loss(valid_local)
         gate = getattr(unwrap(model), "kd_gate", None)
         if gate is not None:
             record |= gate.log_values()  # gate = the token weight; uncertainty: both σ; heldout: its updates

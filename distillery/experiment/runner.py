@@ -244,13 +244,13 @@ def _student(unit: Unit, grid: GridSpec, paths: Paths, needs: dict) -> dict:
                                 "stopped", "gate")}
 
 
-TRAJECTORY_KEYS = ("step", "valid_loss", "valid_bleu", "gate", "ffn_open", "ffn_expected_open")
+TRAJECTORY_KEYS = ("step", "valid_loss", "valid_bleu", "gate", "ffn_open", "ffn_expected_open", "teacher_valid_loss")
 
 
 def _trajectory(run: Path) -> list[dict]:
     """The student's validations (what the report's trajectory tables read): step, NLL, BLEU and, where the
-    student has them, its hybrid gate and kept FFN fraction — the last record of each step (a resumed run
-    validates again where it stopped)."""
+    student has them, its hybrid gate, kept FFN fraction and OKD teacher's NLL — the last record of each step (a
+    resumed run validates again where it stopped)."""
     by_step = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)

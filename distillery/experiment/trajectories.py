@@ -1,6 +1,7 @@
 """How a student's learned quantities moved during training, read from its unit's marker (``trajectory``): the
-hybrid gate's token weight (research.md: a gate that only drifts one way is a finding, not a balance) and the
-kept fraction of a learned FFN width. One table per quantity, one row per student, one column per validation."""
+hybrid gate's token weight (research.md: a gate that only drifts one way is a finding, not a balance), the
+kept fraction of a learned FFN width and how far OKD's online modules moved the teacher. One table per
+quantity, one row per student, one column per validation."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 from .tables import markdown_table
 
 # Quantity in a validation record -> what the table calls it.
-TRACKED = {"gate": "token weight g of the hybrid gate", "ffn_open": "kept fraction of FFN channels (eval gates)"}
+TRACKED = {"gate": "token weight g of the hybrid gate", "ffn_open": "kept fraction of FFN channels (eval gates)",
+           "teacher_valid_loss": "the OKD teacher's NLL on the valid references (its online modules move it)"}
 
 
 def read_trajectories(units_dir: Path) -> list[dict]:

@@ -52,6 +52,28 @@ def test_online_kl_is_forward_kl_over_the_full_vocabulary(tiny_data, tiny_tokeni
     assert not t_logits.requires_grad  # on_policy: a frozen teacher, no modules
 
 
+def _reference_nll(hf_dir, batch, pad_id) -> float:
+    """Token-mean NLL of the plain Hugging Face teacher on ``batch``'s labels (``<pad>`` never predicted)."""
+    from transformers import MarianMTModel
+
+    model = MarianMTModel.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"]).logits.double()
+    logits[..., pad_id] = -torch.inf
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                                   ignore_index=IGNORE))
+
+
+def test_teacher_valid_loss_is_the_teachers_nll_over_all_batches(tiny_data, tiny_tokenizer, tiny_teacher):
+    tok, batch = tiny_tokenizer, _batch(tiny_data, tiny_tokenizer)
+    teacher = OnlineTeacher(tiny_teacher["hf"], LossConfig(name="okd", lora_rank=2), tokenizer=tok,
+                            device=torch.device("cpu"))
+    halves = [{k: v[:5] for k, v in batch.items()}, {k: v[5:] for k, v in batch.items()}]  # a token mean, not
+    got = teacher.valid_loss(halves)  # a mean of batch means (the halves hold different token counts)
+    assert got == pytest.approx(_reference_nll(tiny_teacher["hf"], batch, tok.pad_id), rel=1e-5)
+
+
 def test_okd_modules_move_the_teacher_toward_the_student_and_leave_its_weights_alone(
         tiny_data, tiny_tokenizer, tiny_teacher):
     tok, batch = tiny_tokenizer, _batch(tiny_data, tiny_tokenizer)
@@ -183,6 +205,16 @@ def test_students_train_online_and_resume_exactly(ray_local, tiny_distilled, tin
     modules = {k: v for k, v in saved.items() if k.startswith("online_modules.")}
     assert modules and any("lora_B" in k and v.abs().sum() > 0 for k, v in modules.items())  # trained, saved
     assert not any(k.startswith("online_modules.") and "lora_" not in k for k in saved)  # no teacher weights
+    # The teacher's valid NLL: the frozen teacher's before training (independent forward), then where the
+    # modules moved it, at each validation.
+    events = [json.loads(line) for line in (tmp_path / "okd" / "metrics.jsonl").read_text().splitlines()]
+    start = next(e["valid_loss"] for e in events if e["event"] == "online_teacher")
+    valid = pq.read_table(tiny_data / "valid.parquet")
+    refs = seq2seq_batch(tiny_tokenizer.encode_source(valid["source"].to_pylist()),
+                         tiny_tokenizer.encode_target(valid["target"].to_pylist()), pad_id=tiny_tokenizer.pad_id)
+    assert start == pytest.approx(_reference_nll(tiny_teacher["hf"], refs, tiny_tokenizer.pad_id), rel=1e-4)
+    moved = [e["teacher_valid_loss"] for e in events if e["event"] == "valid"]
+    assert len(moved) == 2 and all(m != start for m in moved)
 
     policy = LossConfig(name="on_policy", student_data=1.0)
     run(tmp_path / "a", policy, 8)
