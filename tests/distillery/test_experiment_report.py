@@ -427,11 +427,12 @@ def test_trajectories_show_each_gate_at_each_validation_and_how_it_moved(tmp_pat
 def test_results_doc_has_the_trajectories_of_its_grids(tmp_path):
     write_csv([r.model_copy(update={"grid": "gates"}) for r in [teacher(), *seeds("hybrid", "tiny", [5, 6, 7])]],
               tmp_path / "gates" / "results.csv")
-    gate_marker(tmp_path / "gates" / "units", "hybrid", 1, [0.5, 0.6], ffn_open=0.9)
+    gate_marker(tmp_path / "gates" / "units", "hybrid", 1, [0.5, 0.6], ffn_open=0.9, teacher_valid_loss=2.9)
     out = write_results_doc([tmp_path / "gates"], tmp_path / "RESULTS.md", command="c")
     doc = out.read_text()
     assert "### Trajectories" in doc and "Token weight g of the hybrid gate" in doc
     assert "Kept fraction of FFN channels" in doc and "| hybrid | tiny | 1 | 0.900 | 0.900 | constant |" in doc
+    assert "The OKD teacher's NLL on the valid references" in doc and "| 2.900 | 2.900 | constant |" in doc
 
 
 def test_a_learned_width_student_is_its_own_line_in_the_plots():
