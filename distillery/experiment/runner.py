@@ -10,7 +10,8 @@ Cache layout (shared by every grid that names the same cache)::
 
 Every unit runs as a Ray task that reserves no CPU itself: the distillation actors and the Ray Train workers it
 starts reserve theirs, so Ray packs units onto the machine's cores and a unit waits while they are busy. An eval
-unit reserves every CPU (``eval.exclusive``) so that its timing is not disturbed by a neighbour. A killed grid
+unit reserves every CPU (``eval.exclusive``) so that its timing is not disturbed by a neighbour (``pick_units``
+says what may use a core while it waits). A killed grid
 resumes where it stopped: finished units have their markers, and an interrupted student resumes from its checkpoint.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 import traceback
@@ -381,13 +383,16 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
     # got CPUs, and the trainers would take them in any order, so an interrupted grid would hold no whole seed.
     queue = sorted(todo, key=lambda u: u.coords.get("seed") or 0)  # stable: dependencies still come first
     running: dict[ray.ObjectRef, Unit] = {}
+    started: dict[str, float] = {}  # unit key -> when it started (monotonic): what a backfill may fill
+    by_key = {u.key: u for u in units}
     free, lost = all_cpus, set()  # lost: keys of units that failed or were blocked
     if on_update:
         on_update(run, [])
     while queue or running:
         start, blocked = pick_units(queue, done=set(results), lost=lost, running=len(running), free=free,
                                     cpus_needed=lambda u: _cpus_needed(u, grid, all_cpus),
-                                    exclusive_eval=grid.eval.exclusive)
+                                    exclusive_eval=grid.eval.exclusive,
+                                    fits_wait=_fits_wait(list(running.values()), started, results, by_key))
         for unit in blocked:
             queue.remove(unit)
             run.blocked.append(unit.name)
@@ -399,6 +404,7 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
             ref = remote.options(num_cpus=cpus, max_retries=0, name=unit.name).remote(
                 unit, grid_json, paths, *(results[k] for k in unit.needs))
             running[ref] = unit
+            started[unit.key] = time.monotonic()
         if on_update:
             on_update(run, [u.name for u in running.values()])
         if not running:
@@ -424,7 +430,7 @@ def run_grid(grid: GridSpec, *, cache: Path, address: str | None = None, on_upda
 
 
 def pick_units(queue: list[Unit], *, done: set[str], lost: set[str], running: int, free: int,
-               cpus_needed, exclusive_eval: bool) -> tuple[list[Unit], list[Unit]]:
+               cpus_needed, exclusive_eval: bool, fits_wait=None) -> tuple[list[Unit], list[Unit]]:
     """The units of ``queue`` (in order: seeds ascending, inputs first) to start now, and those blocked for good.
 
     A unit starts when its inputs are ``done`` and its CPUs are ``free``. A unit whose input failed (``lost``) is
@@ -434,10 +440,13 @@ def pick_units(queue: list[Unit], *, done: set[str], lost: set[str], running: in
     waiting instead, it would run only after the last student (students keep a core busy at all times), and an
     interrupted grid — a session's end — would lose every student that finished without its evaluation: the
     student's model lives in the cache, which the next machine does not have. Draining costs the running units'
-    difference in length on the freed cores; a grid's paired students (one seed, one budget) end together.
+    difference in length on the freed cores; a grid's paired students (one seed, one budget) end together, but
+    students of different methods need not (a reverse-KL student takes 12 minutes, an on-policy one 40). So while
+    an evaluation waits, a later unit that ``fits_wait(unit)`` — expected to end before the running units do
+    (``_fits_wait``) — may still take a free core (a backfill); every other unit, and every evaluation, waits.
     """
     start, blocked, free = [], [], free
-    waiting_seed = None
+    waiting_seed, draining = None, False
     for unit in queue:
         if any(k in lost for k in unit.needs) or any(b.key in unit.needs for b in blocked):
             blocked.append(unit)
@@ -445,7 +454,10 @@ def pick_units(queue: list[Unit], *, done: set[str], lost: set[str], running: in
         if any(k not in done for k in unit.needs):
             continue  # an input is still running: later units may start meanwhile
         if unit.kind == "eval" and exclusive_eval and (running or start):
-            break  # drain: it starts when nothing runs
+            draining = True  # drain: it starts when nothing runs
+            continue
+        if draining and not (fits_wait is not None and running and fits_wait(unit)):
+            continue  # only a backfill that ends before the running units may start meanwhile
         seed = unit.coords.get("seed") or 0
         if waiting_seed is not None and seed > waiting_seed:
             break
@@ -456,6 +468,28 @@ def pick_units(queue: list[Unit], *, done: set[str], lost: set[str], running: in
         start.append(unit)
         free -= need
     return start, blocked
+
+
+def _shape(unit: Unit) -> tuple:
+    """What makes units alike in duration: their kind and grid coordinates but the seed."""
+    return unit.kind, tuple(sorted((k, str(v)) for k, v in unit.coords.items() if k != "seed"))
+
+
+def _fits_wait(running: list[Unit], started: dict[str, float], finished: dict[str, dict], units: dict[str, Unit]):
+    """``unit -> bool``: whether ``unit`` is expected to end before every running unit has, judged by the longest
+    duration (a marker's ``seconds``) of a ``finished`` unit of the same shape (e.g. the same method's student of
+    another seed). Without an estimate for a running unit or for the candidate: False (no backfill)."""
+    took: dict[tuple, float] = {}
+    for key, marker in finished.items():
+        if key in units and "seconds" in marker:
+            shape = _shape(units[key])
+            took[shape] = max(took.get(shape, 0.0), float(marker["seconds"]))
+    left = [took.get(_shape(u)) for u in running]
+    if not running or any(t is None for t in left):
+        return lambda unit: False
+    now = time.monotonic()
+    window = max(t - (now - started[u.key]) for t, u in zip(left, running, strict=True))
+    return lambda unit: took.get(_shape(unit), math.inf) <= window
 
 
 def _cpus_needed(unit: Unit, grid: GridSpec, all_cpus: int) -> int:

@@ -71,3 +71,44 @@ def test_units_downstream_of_a_failed_unit_are_blocked_in_one_pass():
     start, blocked = pick(QUEUE[1:], done=set(), running=0, free=CPUS, lost={"d"})
     assert start == []
     assert blocked == [A, B, EA, EB, C, D, EC, ED]
+
+
+def test_while_an_evaluation_waits_only_a_unit_that_ends_before_the_running_ones_takes_the_free_core():
+    # A ended, B still runs for long: EA waits for B. D is expected to end before B does, C is not.
+    queue = [u for u in QUEUE[1:] if u not in (A, B)]
+    start, _ = pick_units(queue, done={"d", "a"}, lost=set(), running=1, free=1, cpus_needed=need,
+                          exclusive_eval=True, fits_wait=lambda u: u is D)
+    assert start == [D]  # a backfill; EA still runs first once nothing else does
+    start, _ = pick_units(queue, done={"d", "a"}, lost=set(), running=1, free=1, cpus_needed=need,
+                          exclusive_eval=True, fits_wait=lambda u: False)
+    assert start == []  # nothing fits: the plain drain
+    evals = [unit("eval", "e1", 1, "a"), unit("eval", "e2", 1, "a")]
+    start, _ = pick_units(evals, done={"a"}, lost=set(), running=1, free=1, cpus_needed=lambda u: 1,
+                          exclusive_eval=True, fits_wait=lambda u: True)
+    assert start == []  # an evaluation is never a backfill: it needs the idle machine
+
+
+def student(key: str, method: str, seed: int) -> Unit:
+    return Unit(kind="student", key=key, fields={}, needs=("d",),
+                coords={"method": method, "size": "tiny", "seed": seed})
+
+
+def test_a_backfill_must_be_expected_to_end_within_the_running_units_remaining_time():
+    import time
+
+    from distillery.experiment.runner import _fits_wait
+
+    units = {u.key: u for u in [student("p1", "on_policy", 1), student("r1", "reverse_kl", 1),
+                                student("o1", "okd", 1), student("p2", "on_policy", 2),
+                                student("r2", "reverse_kl", 2), student("o2", "okd", 2),
+                                student("x2", "never_seen", 2)]}
+    finished = {"p1": {"seconds": 2400.0}, "r1": {"seconds": 700.0}, "o1": {"seconds": 1800.0}}
+    running, started = [units["p2"]], {"p2": time.monotonic() - 1000}  # about 1,400 s left
+    fits = _fits_wait(running, started, finished, units)
+    assert fits(units["r2"])  # 700 s ≤ 1,400 s
+    assert not fits(units["o2"])  # 1,800 s > 1,400 s
+    assert not fits(units["x2"])  # no estimate: no backfill
+    started["p2"] = time.monotonic() - 2000  # 400 s left: the reverse-KL student no longer fits
+    assert not _fits_wait(running, started, finished, units)(units["r2"])
+    running, started = [units["x2"]], {"x2": time.monotonic()}  # a running unit without an estimate
+    assert not _fits_wait(running, started, finished, units)(units["r2"])
