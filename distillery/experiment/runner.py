@@ -514,6 +514,10 @@ def write_outputs(grid: GridSpec, run: GridRun, out: Path, *, cache: Path, comma
     for unit in run.units:  # the finished units' markers travel with the results (import_markers)
         if (marker := read_marker(cache, unit)) is not None:
             _write_json_atomic(out / UNIT_DIR / f"{unit.name}.json", marker)
+    names = {unit.name for unit in run.units}
+    for path in (out / UNIT_DIR).glob("*.json"):
+        if path.stem not in names:  # a unit the grid no longer has (a changed setting): git keeps its history
+            path.unlink()
     if run.rows:  # nothing evaluated yet (every unit failed): the failures are what the caller reports
         report.write_markdown(run.rows, out / "results.md", title=f"Grid {grid.name}", command=command,
                               units_dir=out / UNIT_DIR)

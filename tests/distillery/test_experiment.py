@@ -183,7 +183,12 @@ def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_loc
 
     # The markers travel with the results directory: a fresh clone's cache imports them, and extending the grid
     # by a seed runs only the new units plus the dataset they need, which went with the old machine's cache.
+    stale = tmp_path / "results" / "units" / "student-0123456789abcdef.json"  # a unit the grid no longer has
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"trajectory": [{"step": 2, "gate": 0.5}], "coords": {"seed": 1}}))
     write_outputs(grid, again, tmp_path / "results", cache=cache, command="test")
+    assert not stale.exists()  # superseded (e.g. a changed setting): the report must not read it as this grid's
+    assert {p.stem for p in (tmp_path / "results" / "units").glob("*.json")} == every
     shutil.rmtree(cache / "datasets")
     fresh = tmp_path / "fresh"
     assert import_markers(tmp_path / "results", fresh) == len(every)
