@@ -116,8 +116,9 @@ class CpuSampler:
         self.seconds = time.perf_counter() - self.t0
 
 
-def distill_on_nodes(paths, corpus: Path, *, nodes: int, max_length: int) -> dict:
-    """The job on a fresh ``nodes``-node cluster (1 CPU each, one worker per node); its rates and shards."""
+def distill_on_nodes(paths, corpus: Path, *, nodes: int, max_length: int, ray_env: dict[str, str]) -> dict:
+    """The job on a fresh ``nodes``-node cluster (1 CPU each, one worker per node, ``ray_env`` in every node's
+    environment); its rates and shards."""
     import ray
 
     from pipeline.dataset import Sidecar
@@ -127,7 +128,7 @@ def distill_on_nodes(paths, corpus: Path, *, nodes: int, max_length: int) -> dic
 
     spec = job_spec(paths, corpus, workers=nodes, max_length=max_length, name=f"scaling-{nodes}n")
     shutil.rmtree(WORK / "datasets" / spec.output.dataset, ignore_errors=True)
-    cluster = LocalCluster(WORK / "cluster-logs" / f"{nodes}n", num_cpus=1, cwd=ROOT, token=TOKEN)
+    cluster = LocalCluster(WORK / "cluster-logs" / f"{nodes}n", num_cpus=1, cwd=ROOT, token=TOKEN, env=ray_env)
     try:
         cluster.start(workers=nodes - 1)
         with Timer() as t, CpuSampler() as cpu:
@@ -228,12 +229,21 @@ def main() -> None:
     parser.add_argument("--gpu-workers", type=int, default=32, help="e.g. 8 nodes × 4 GPUs, one worker per GPU")
     parser.add_argument("--s3-mb-s", type=float, default=1000.0,
                         help="ASSUMED aggregate write bandwidth of the cluster's S3 store (MB/s)")
+    parser.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of every Ray node, e.g. RAY_enable_worker_prestart=0 (repeatable): to "
+                             "measure what a Ray setting does to the two-node ratio")
     args = parser.parse_args()
+    bad = [item for item in args.ray_env if "=" not in item]
+    if bad:
+        parser.error(f"--ray-env takes KEY=VALUE, got {bad[0]!r}")
+    ray_env = dict(item.split("=", 1) for item in args.ray_env)
 
     paths = setup()
     corpus = corpus_file(args.sentences)
-    one = distill_on_nodes(paths, corpus, nodes=1, max_length=args.max_length)
-    two = distill_on_nodes(paths, corpus, nodes=2, max_length=args.max_length)
+    one = distill_on_nodes(paths, corpus, nodes=1, max_length=args.max_length, ray_env=ray_env)
+    two = distill_on_nodes(paths, corpus, nodes=2, max_length=args.max_length, ray_env=ray_env)
+    if ray_env:
+        print("Ray nodes ran with " + " ".join(f"{k}={v}" for k, v in ray_env.items()))
     print(f"{args.sentences} sentences, greedy, top-8, shards of {SHARD_SIZE}, {one['tokens']:,} target tokens")
     for name, r in (("1 node ", one), ("2 nodes", two)):
         print(f"  {name}: whole job {r['job_tok_s']:,.0f} tok/s ({r['seconds']:.1f} s), workers' steady state "
