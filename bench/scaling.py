@@ -1,7 +1,7 @@
 """Distillation throughput on 1 node vs 2 nodes, and a measured model projecting a cluster's throughput.
 
     .venv/bin/python bench/scaling.py [--sentences 3000] [--max-length 32] [--store-mb 64]
-                                      [--gpu-tokens-per-s 10000] [--gpu-workers 32]
+                                      [--gpu-tokens-per-s 10000] [--gpu-workers 32] [--ray-env KEY=VALUE ...]
 
 Two real Ray clusters on this machine (``tests/cluster.py``: ``ray start`` processes, 1 CPU per node) run the
 same greedy job (the bench teacher, the same sentences, 1 worker × 1 thread per node) one after the other:
