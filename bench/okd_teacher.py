@@ -29,6 +29,9 @@ def measure(run: Path) -> dict:
     from trainers.student import StudentConfig, greedy_translate
     from trainers.teacher import load_pairs, make_batches
 
+    for needed in (run / "config.json", run / "checkpoint" / "model.safetensors"):
+        if not needed.is_file():
+            raise SystemExit(f"{run}: no {needed.relative_to(run)}; give a student run directory with a checkpoint")
     cfg = StudentConfig.model_validate_json((run / "config.json").read_text())
     if cfg.loss.name != "okd":
         raise SystemExit(f"{run}: a {cfg.loss.name} run; only okd trains online modules")
