@@ -105,9 +105,10 @@ def _markers(cache: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_local, tmp_path):
+def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_local, tmp_path, monkeypatch):
     import ray
 
+    from distillery.experiment import runner
     from distillery.experiment.runner import import_markers, run_grid, write_outputs
 
     cache = tmp_path / "cache"
@@ -127,7 +128,21 @@ def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_loc
     assert len(partial.rows) == sum(name.startswith("eval-") for name in finished)
 
     seen: list[list[str]] = []
-    resumed = run_grid(grid, cache=cache, on_update=lambda run, running: seen.append(list(running)))
+    approved: list[set[str]] = []  # per round: the units the runner's own estimate let backfill
+    judged: set[str] = set()
+    estimate = runner._fits_wait
+
+    def recording_estimate(*args):
+        fits = estimate(*args)
+        return lambda unit: fits(unit) and (judged.add(unit.name) or True)
+
+    def on_update(run, running):
+        seen.append(list(running))
+        approved.append(set(judged))
+        judged.clear()
+
+    monkeypatch.setattr(runner, "_fits_wait", recording_estimate)
+    resumed = run_grid(grid, cache=cache, on_update=on_update)
     every = {u.name for u in resumed.units}
     # Units start when their inputs are done and their CPUs free: an evaluation runs alone, students one per CPU
     # (each has one worker of one thread here), and students start seed by seed.
@@ -138,8 +153,9 @@ def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_loc
     seed = {u.name: u.coords.get("seed") for u in resumed.units}
     started = list(dict.fromkeys(n for running in seen for n in running if n.startswith("student-")))
     assert [seed[n] for n in started] == sorted(seed[n] for n in started) and started
-    # A finished student's evaluation drains the machine: no student starts between the end of a student and
-    # its evaluation (left for the end, a grid cut off meanwhile loses the student with the session's cache).
+    # A finished student's evaluation drains the machine (left for the end, a grid cut off meanwhile loses the
+    # student with the session's cache): a student that starts between the end of a student and its evaluation
+    # must be a backfill the runner's estimate approved in that very round (which estimates fit: test_scheduling).
     first, last = {}, {}
     for i, running in enumerate(seen):
         for name in running:
@@ -152,7 +168,8 @@ def test_killed_grid_resumes_and_a_finished_grid_runs_nothing(tiny_grid, ray_loc
         if unit.kind != "eval" or not inputs or not inputs[0].startswith("student-"):
             continue
         ended, evaluated = last[inputs[0]], first[unit.name]
-        assert not [n for n in first if n.startswith("student-") and ended < first[n] < evaluated], unit.name
+        for n in [n for n in first if n.startswith("student-") and ended < first[n] < evaluated]:
+            assert n in approved[first[n]], (unit.name, n, "started while its evaluation drains the machine")
         checked += 1
     assert checked >= 2
     assert len(every) == 1 + 4 + 5  # one dataset, 2 methods × 2 seeds, an eval of each and of the teacher
